@@ -1,0 +1,200 @@
+"""Hyperparameters: one strict object, presets as plain data, and the command line that overrides them.
+
+    python train.py --hps cifar10 --n_batch 8 --lr 1e-4
+
+``--hps NAME`` picks a preset; every field can then be overridden by ``--field value``. A mistyped
+preset or field is an error that lists the valid ones, never a silent None.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from utils import UserError
+from vae_helpers import parse_layer_string
+
+
+def _f(default: Any, help: str, derived: bool = False):  # noqa: A002 - mirrors argparse's name
+    return field(default=default, metadata={"help": help, "derived": derived})
+
+
+@dataclass
+class Hyperparams:
+    """Every setting of a run. Unknown attributes cannot be set or read."""
+
+    # data
+    dataset: str = _f("cifar10", "dataset to train on: cifar10 or digits")
+    data_root: str = _f("./data", "folder holding (or receiving) the dataset files")
+    pixel_levels: int = _f(256, "number of pixel levels the likelihood models (256 for 8-bit, 17 for digits)")
+    data_shift: float = _f(-120.63838, "encoder input is (x + data_shift) * data_scale, x in 0..255")
+    data_scale: float = _f(1.0 / 64.16736, "encoder input is (x + data_shift) * data_scale, x in 0..255")
+    n_classes: int = _f(10, "classes to condition on: the dataset's count, or 0 for an unconditional model")
+    # model
+    width: int = _f(384, "channels of the residual stream")
+    custom_width_str: str = _f("", "per-resolution widths, e.g. '32:256,16:384' (empty: width everywhere)")
+    enc_blocks: str = _f("32x11,32d2,16x6,16d2,8x6,8d2,4x3,4d4,1x3", "encoder block spec (RxN, RdK)")
+    dec_blocks: str = _f("1x1,4m1,4x2,8m4,8x5,16m8,16x10,32m16,32x21", "decoder block spec (RxN, RmS)")
+    zdim: int = _f(16, "latent channels per decoder block")
+    bottleneck_multiple: float = _f(0.25, "bottleneck width of a block as a fraction of its width")
+    num_mixtures: int = _f(10, "logistic components of the output distribution")
+    no_bias_above: int = _f(64, "learned initial decoder states only for resolutions up to this")
+    # optimisation
+    lr: float = _f(2e-4, "peak learning rate of AdamW")
+    wd: float = _f(0.01, "AdamW weight decay")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.9, "AdamW beta2")
+    warmup_iters: int = _f(100, "steps of linear learning-rate warm-up")
+    lr_decay: str = _f("none", "learning-rate decay after warm-up: none or cosine (to 0 at max_steps)")
+    grad_clip: float = _f(200.0, "clip the gradient norm (of the loss in nats/dim) to this")
+    skip_threshold: float = _f(400.0, "skip updates whose gradient norm exceeds this (-1: never skip)")
+    ema_rate: float = _f(0.9999, "exponential moving average rate of the weights used to evaluate and sample")
+    n_batch: int = _f(16, "training images per step (per device)")
+    augment_shift: int = _f(0, "random translation by up to this many pixels as augmentation (0: none)")
+    # run length and bookkeeping
+    max_steps: int = _f(0, "stop after this many optimizer steps, then evaluate, sample and save (0: no limit)")
+    num_epochs: int = _f(10000, "stop after this many passes over the training set")
+    seed: int = _f(0, "random seed of initialisation, data order and sampling")
+    device: str = _f("auto", "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
+    save_dir: str = _f("", "run folder for checkpoints and logs (default: weights/<hps>)")
+    restore: str = _f("", "checkpoint file or run folder to resume from")
+    eval_every: int = _f(5000, "evaluate the EMA weights on held-out data every this many steps (0: only at the end)")
+    n_batch_eval: int = _f(64, "images per evaluation batch")
+    save_every: int = _f(5000, "write a checkpoint every this many steps (and always at the end)")
+    log_every: int = _f(100, "write metrics every this many steps")
+    temperature: float = _f(1.0, "prior temperature of the sample grid drawn at the end of training")
+    # derived at start-up from the data (not settable)
+    hps: str = _f("cifar10", "preset these settings started from", derived=True)
+    image_size: int = _f(32, "image height and width", derived=True)
+    image_channels: int = _f(3, "image channels", derived=True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in _FIELD_NAMES:
+            raise AttributeError(f"unknown hyperparameter {name!r}")
+        object.__setattr__(self, name, value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Hyperparams":
+        unknown = sorted(set(values) - _FIELD_NAMES)
+        if unknown:
+            raise UserError(f"unknown hyperparameters {', '.join(unknown)}")
+        return cls(**values)
+
+
+_FIELD_NAMES = frozenset(f.name for f in fields(Hyperparams))
+SETTABLE = [f for f in fields(Hyperparams) if not f.metadata["derived"]]
+
+# Presets are plain data: the fields that differ from Hyperparams' defaults (the defaults are cifar10).
+PRESETS: dict[str, dict[str, Any]] = {
+    # openai/vdvae's CIFAR-10 model (Child 2020): 39M parameters, 2.87 bits/dim after ~1M steps.
+    "cifar10": {},
+    # scikit-learn's bundled 8x8 digits, modelled at their native 17 grey levels: a few CPU minutes.
+    "digits": dict(
+        dataset="digits", pixel_levels=17, data_shift=-78.0, data_scale=1.0 / 96.0, n_classes=10,
+        width=64, enc_blocks="8x3,8d2,4x3,4d4,1x2", dec_blocks="1x1,4m1,4x3,8m4,8x4", zdim=8,
+        num_mixtures=5, lr=2e-3, wd=0.05, warmup_iters=100, lr_decay="cosine", grad_clip=200.0,
+        skip_threshold=-1.0, ema_rate=0.995, n_batch=64, max_steps=3000, eval_every=500, save_every=1000,
+        log_every=50, n_batch_eval=360, temperature=1.0,
+    ),
+}
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors become one-line UserErrors (exit 2, no usage dump)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise UserError(message)
+
+
+def _unknown_field_message(args: list[str]) -> str:
+    names = [a.split("=")[0].lstrip("-") for a in args if a.startswith("--")]
+    bad = names[0] if names else args[0]
+    valid = ["hps"] + [f.name for f in SETTABLE]
+    close = difflib.get_close_matches(bad, valid, n=1)
+    hint = f" (did you mean --{close[0]}?)" if close else ""
+    return f"unknown option {args[0]!r}{hint}; valid fields: {', '.join('--' + v for v in valid)}"
+
+
+def build_parser(description: str, extra: dict[str, dict] | None = None) -> argparse.ArgumentParser:
+    """A parser with ``--hps`` and one ``--field`` per settable hyperparameter (plus ``extra`` flags)."""
+    parser = _Parser(description=description, argument_default=argparse.SUPPRESS,
+                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                     epilog="Every field defaults to the preset's value; the cifar10 value is shown.")
+    parser.add_argument("--hps", help=f"preset to start from: {', '.join(PRESETS)} (default: cifar10)")
+    for f in SETTABLE:
+        kind = _parse_bool if f.type in (bool, "bool") else {"int": int, "float": float, "str": str}.get(
+            f.type if isinstance(f.type, str) else f.type.__name__, str)
+        parser.add_argument(f"--{f.name}", type=kind, help=f"{f.metadata['help']} [{f.default!r}]",
+                            metavar=kind.__name__.lstrip("_").upper())
+    for name, kwargs in (extra or {}).items():
+        parser.add_argument(f"--{name}", **kwargs)
+    return parser
+
+
+def hparams_from_preset(name: str, overrides: dict[str, Any] | None = None) -> Hyperparams:
+    """The preset ``name`` with ``overrides`` applied, validated."""
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    values = dict(PRESETS[name], hps=name)
+    for key, value in (overrides or {}).items():
+        if key not in _FIELD_NAMES or key == "hps":
+            raise UserError(f"unknown hyperparameter {key!r}; valid: {', '.join(f.name for f in SETTABLE)}")
+        values[key] = value
+    hps = Hyperparams(**values)
+    validate(hps)
+    return hps
+
+
+def parse_args(argv: list[str] | None, description: str) -> tuple[Hyperparams, argparse.Namespace]:
+    """Parse ``--hps`` and field overrides; returns the hyperparameters and the namespace (for extras)."""
+    parser = build_parser(description, extra={"debug": dict(action="store_true",
+                                                            help="show full tracebacks on errors")})
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise UserError(_unknown_field_message(unknown))
+    values = vars(args)
+    overrides = {k: v for k, v in values.items() if k in _FIELD_NAMES and k != "hps"}
+    return hparams_from_preset(values.get("hps", "cifar10"), overrides), args
+
+
+def validate(h: Hyperparams) -> None:
+    """Range checks that turn nonsense into a one-line error before any work starts."""
+    positive = ["width", "zdim", "num_mixtures", "n_batch", "n_batch_eval", "num_epochs", "log_every",
+                "save_every", "lr", "temperature", "bottleneck_multiple"]
+    for name in positive:
+        if not getattr(h, name) > 0:
+            raise UserError(f"--{name} must be > 0, got {getattr(h, name)}")
+    for name in ["max_steps", "eval_every", "warmup_iters", "wd", "n_classes", "augment_shift", "grad_clip"]:
+        if getattr(h, name) < 0:
+            raise UserError(f"--{name} must be >= 0, got {getattr(h, name)}")
+    if not 0.0 <= h.ema_rate < 1.0:
+        raise UserError(f"--ema_rate must be in [0, 1), got {h.ema_rate}")
+    for name in ["adam_beta1", "adam_beta2"]:
+        if not 0.0 <= getattr(h, name) < 1.0:
+            raise UserError(f"--{name} must be in [0, 1), got {getattr(h, name)}")
+    if h.pixel_levels < 2 or h.pixel_levels > 256:
+        raise UserError(f"--pixel_levels must be in 2..256, got {h.pixel_levels}")
+    if h.lr_decay not in ("none", "cosine"):
+        raise UserError(f"--lr_decay must be none or cosine, got {h.lr_decay!r}")
+    if h.lr_decay == "cosine" and h.max_steps == 0:
+        raise UserError("--lr_decay cosine needs --max_steps > 0 (it decays to zero at max_steps)")
+    if h.data_scale == 0:
+        raise UserError("--data_scale must be non-zero")
+    for name in ["enc_blocks", "dec_blocks"]:
+        try:
+            parse_layer_string(getattr(h, name))
+        except ValueError as err:
+            raise UserError(f"--{name}: {err}") from None

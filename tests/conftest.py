@@ -1,0 +1,38 @@
+"""Shared fixtures: the repository on sys.path, and tiny settings that train in seconds on a CPU."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# A digits model small enough for a training step in milliseconds: every resolution, every block kind.
+TINY = {"width": 16, "zdim": 4, "num_mixtures": 3, "enc_blocks": "8x1,8d2,4x1,4d4,1x1",
+        "dec_blocks": "1x1,4m1,4x1,8m4,8x1"}
+
+
+def tiny_hps(**overrides):
+    """Hyperparameters of a tiny digits model, with its data-derived fields filled in."""
+    from hps import hparams_from_preset
+
+    h = hparams_from_preset("digits", {**TINY, **overrides})
+    h.image_size, h.image_channels = 8, 1
+    return h
+
+
+def tiny_cli_args(save_dir, **overrides) -> list[str]:
+    """train.py arguments for a tiny digits run that finishes in seconds (save_dir None: the default)."""
+    values = {**TINY, "max_steps": 6, "eval_every": 3, "save_every": 3, "log_every": 2, "n_batch": 16,
+              "n_batch_eval": 180, **({} if save_dir is None else {"save_dir": str(save_dir)}), **overrides}
+    args = ["--hps", "digits"]
+    for key, value in values.items():
+        args += [f"--{key}", str(value)]
+    return args
+
+
+@pytest.fixture
+def tiny():
+    return tiny_hps

@@ -1,0 +1,114 @@
+"""The entry points as a user runs them: train.py then sample.py, in subprocesses."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, tiny_cli_args
+
+
+def run(script: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run") / "digits"
+    result = run("train.py", *tiny_cli_args(run_dir))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return run_dir, result
+
+
+def test_train_writes_checkpoint_logs_and_samples(trained_run):
+    run_dir, result = trained_run
+    assert "model parameters:" in result.stdout
+    assert (run_dir / "latest.pt").is_file() and (run_dir / "samples.png").is_file()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    kinds = [r["kind"] for r in records]
+    assert kinds[0] == "config" and kinds[-1] == "final" and "train" in kinds and "eval" in kinds
+    final = records[-1]
+    assert final["step"] == 6 and 0 < final["test_bpd"] < 10
+    ckpt = torch.load(run_dir / "latest.pt", weights_only=True)
+    assert {"model", "ema", "optimizer", "step", "hps", "class_names"} <= set(ckpt)
+    assert ckpt["class_names"] == [str(d) for d in range(10)] and ckpt["hps"]["width"] == 16
+    assert not any(k.startswith("_orig_mod") for k in ckpt["model"])
+
+
+def test_sample_png_and_npz(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    png = tmp_path / "grid.png"
+    result = run("sample.py", "--weights", str(run_dir), "--classes", "3,7", "--n_per_class", "4",
+                 "--out", str(png))
+    assert result.returncode == 0, result.stderr
+    from PIL import Image
+
+    width, height = Image.open(png).size
+    assert width > height > 0  # 4 columns, 2 rows
+    npz = tmp_path / "s.npz"
+    result = run("sample.py", "--weights", str(run_dir / "latest.pt"), "--classes", "1,2,9",
+                 "--n_per_class", "5", "--out", str(npz), "--seed", "3")
+    assert result.returncode == 0, result.stderr
+    arrays = np.load(npz)
+    assert arrays["images"].shape == (15, 8, 8, 1) and arrays["images"].dtype == np.uint8
+    assert arrays["labels"].tolist() == [1] * 5 + [2] * 5 + [9] * 5
+    # the digits' 17 levels come back as multiples of 255/16
+    levels = arrays["images"].astype(float) * 16 / 255
+    assert np.allclose(levels, np.round(levels), atol=0.04)
+
+
+def test_same_seed_same_samples(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / f"{name}.npz"
+        assert run("sample.py", "--weights", str(run_dir), "--out", str(out), "--seed", "9").returncode == 0
+        outs.append(np.load(out)["images"])
+    assert np.array_equal(outs[0], outs[1])
+
+
+def test_restore_continues_the_run(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    resumed = tmp_path / "resumed"
+    result = run("train.py", *tiny_cli_args(resumed, max_steps=9, restore=run_dir / "latest.pt"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    ckpt = torch.load(resumed / "latest.pt", weights_only=True)
+    assert ckpt["step"] == 9
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("train.py", ["--hps", "nope"], "valid presets: cifar10, digits"),
+    ("train.py", ["--hps", "digits", "--widht", "3"], "did you mean --width"),
+    ("train.py", ["--hps", "digits", "--n_batch", "0"], "--n_batch must be > 0"),
+    ("train.py", ["--hps", "digits", "--lr", "-1"], "--lr must be > 0"),
+    ("train.py", ["--hps", "digits", "--n_batch", "many"], "invalid int value"),
+    ("train.py", ["--hps", "digits", "--n_classes", "7"], "must be 0 (unconditional) or 10"),
+    ("train.py", ["--hps", "digits", "--restore", "/nonexistent/x.pt"], "does not exist"),
+    ("sample.py", ["--weights", "/nonexistent/x.pt"], "does not exist"),
+    ("sample.py", ["--weights", "RUN", "--classes", "horse"], "unknown class 'horse'"),
+    ("sample.py", ["--weights", "RUN", "--classes", "12"], "out of range"),
+    ("sample.py", ["--weights", "RUN", "--temperature", "0"], "must be > 0"),
+    ("sample.py", ["--weights", "RUN", "--out", "x.jpg"], "must end in .png or .npz"),
+])
+def test_bad_input_is_one_line_and_exit_2(trained_run, tmp_path, script, args, message):
+    run_dir, _ = trained_run
+    args = [str(run_dir) if a == "RUN" else a for a in args]
+    result = run(script, *args, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_help_lists_every_field():
+    from hps import SETTABLE
+
+    result = run("train.py", "--help")
+    assert result.returncode == 0
+    for f in SETTABLE:
+        assert f"--{f.name}" in result.stdout

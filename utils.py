@@ -1,0 +1,147 @@
+"""Plumbing shared by the entry points: errors for users, devices, logging, checkpoints."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+CHECKPOINT_FORMAT = "vdvae-checkpoint-1"
+
+
+class UserError(Exception):
+    """A problem with what the user asked for: reported as one line on stderr, exit status 2."""
+
+
+def run_cli(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
+    """Run ``main``; user errors become one line on stderr and exit 2 (tracebacks only with --debug)."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        main(argv)
+    except UserError as err:
+        if "--debug" in argv:
+            traceback.print_exc()
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices
+# ---------------------------------------------------------------------------------------------
+
+
+def pick_device(name: str):
+    """``auto`` is cuda, else mps, else cpu; anything else must name an available device."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N, mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for but CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"device {name!r} does not exist; this machine has {torch.cuda.device_count()} GPUs")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("device 'mps' asked for but MPS is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unsupported device {name!r}; valid: auto, cpu, cuda, cuda:N, mps")
+    return device
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging: a human log and JSON lines side by side in the run folder
+# ---------------------------------------------------------------------------------------------
+
+
+class RunLogger:
+    """Writes ``log.txt`` (human) and ``metrics.jsonl`` (one JSON object per record) in a run folder."""
+
+    def __init__(self, run_dir: Path, echo: Callable[[str], None] = print):
+        self.run_dir = run_dir
+        self.echo = echo
+        self._log = open(run_dir / "log.txt", "a", encoding="utf-8")
+        self._metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+
+    def info(self, message: str) -> None:
+        self.echo(message)
+        self._log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+        self._log.flush()
+
+    def metrics(self, kind: str, **values: Any) -> None:
+        record = {"kind": kind, "time": round(time.time(), 3), **values}
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
+
+    def close(self) -> None:
+        self._log.close()
+        self._metrics.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: one plain dict, written atomically, loaded without running pickled code
+# ---------------------------------------------------------------------------------------------
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+    import torch
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a run folder meaning its ``latest.pt``."""
+    path = Path(path)
+    if path.is_dir():
+        candidate = path / "latest.pt"
+        if not candidate.is_file():
+            raise UserError(f"run folder {path} holds no checkpoint (expected {candidate})")
+        return candidate
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict[str, Any]:
+    """Load one of our checkpoints safely (``weights_only=True``); clear errors for bad files."""
+    import pickle
+
+    import torch
+
+    path = resolve_checkpoint(path)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot read checkpoint {path}: {first}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not a checkpoint of this project (no '{CHECKPOINT_FORMAT}' format tag)")
+    return ckpt

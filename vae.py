@@ -1,0 +1,259 @@
+"""The class-conditional Very Deep VAE (Child 2020, "Very Deep VAEs Generalize Autoregressive Models").
+
+A bottom-up encoder of residual blocks records its activation at every resolution. A top-down decoder
+starts from learned states (plus a class embedding at its top, the stem) and, block by block, draws a
+latent group z_i from the posterior q(z_i | z_<i, x, y) while training, or from the prior p(z_i | z_<i, y)
+while sampling. The class therefore conditions every latent and the output likelihood.
+
+With ``n_classes = 0`` the module tree, shapes, initialisation and input normalisation are exactly
+openai/vdvae's, so its state dicts load with the same names.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hps import Hyperparams
+from vae_helpers import (Block, dmol_log_prob, dmol_param_count, dmol_sample, draw_gaussian_diag_samples,
+                         gaussian_analytical_kl, get_conv, get_width_settings, parse_layer_string)
+
+
+class Encoder(nn.Module):
+    """Bottom-up residual network; returns its last activation at every resolution."""
+
+    def __init__(self, H: Hyperparams):
+        super().__init__()
+        self.widths = get_width_settings(H.width, H.custom_width_str)
+        self.in_conv = get_conv(H.image_channels, H.width, 3)
+        specs = parse_layer_string(H.enc_blocks)
+        blocks = []
+        for res, down_rate in specs:
+            w = self.widths[res]
+            blocks.append(Block(w, int(w * H.bottleneck_multiple), w, down_rate=down_rate, residual=True,
+                                use_3x3=res > 2))
+        for block in blocks:  # residual branches start small so deep stacks begin near identity
+            block.c4.weight.data *= math.sqrt(1.0 / len(specs))
+        self.enc_blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        x = self.in_conv(x)
+        activations = {x.shape[2]: x}
+        for block in self.enc_blocks:
+            x = block(x)
+            res = x.shape[2]
+            if x.shape[1] < self.widths[res]:
+                x = F.pad(x, (0, 0, 0, 0, 0, self.widths[res] - x.shape[1]))
+            activations[res] = x
+        return activations
+
+
+class DecBlock(nn.Module):
+    """One top-down block: prior and posterior over a latent group, then a residual block.
+
+    The prior network maps the state h to (prior mean, prior log-sigma, a feature added to h); the
+    posterior network sees h concatenated with the encoder's activation at this resolution.
+    """
+
+    def __init__(self, H: Hyperparams, res: int, mixin: int | None, n_blocks: int):
+        super().__init__()
+        self.base = res
+        self.mixin = mixin
+        self.zdim = H.zdim
+        width = get_width_settings(H.width, H.custom_width_str)[res]
+        cond_width = int(width * H.bottleneck_multiple)
+        use_3x3 = res > 2
+        self.enc = Block(width * 2, cond_width, H.zdim * 2, residual=False, use_3x3=use_3x3)
+        self.prior = Block(width, cond_width, H.zdim * 2 + width, residual=False, use_3x3=use_3x3,
+                           zero_last=True)
+        self.z_proj = get_conv(H.zdim, width, 1)
+        self.z_proj.weight.data *= math.sqrt(1.0 / n_blocks)
+        self.resnet = Block(width, cond_width, width, residual=True, use_3x3=use_3x3)
+        self.resnet.c4.weight.data *= math.sqrt(1.0 / n_blocks)
+
+    def forward(self, x: torch.Tensor, acts: torch.Tensor | None, temperature: float = 1.0,
+                noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Draw z (posterior when ``acts`` is given, else prior at ``temperature``) and update the state.
+
+        Returns the new state, the KL map (posterior only, nats, fp32) and z.
+        """
+        feats = self.prior(x)
+        pm, plogs, xpp = feats[:, :self.zdim], feats[:, self.zdim:2 * self.zdim], feats[:, 2 * self.zdim:]
+        kl = None
+        if acts is not None:
+            qm, qlogs = self.enc(torch.cat([x, acts], dim=1)).chunk(2, dim=1)
+            z = draw_gaussian_diag_samples(qm, qlogs, noise)
+            kl = gaussian_analytical_kl(qm, pm, qlogs, plogs)
+        else:
+            if temperature != 1.0:  # a temperature t scales the prior's standard deviation by t
+                plogs = plogs + math.log(temperature)
+            z = draw_gaussian_diag_samples(pm, plogs, noise)
+        x = x + xpp
+        x = x + self.z_proj(z)
+        return self.resnet(x), kl, z
+
+
+class DmolNet(nn.Module):
+    """Output head: a 1x1 conv to the discretized mixture of logistics parameters."""
+
+    def __init__(self, H: Hyperparams):
+        super().__init__()
+        self.channels = H.image_channels
+        self.levels = H.pixel_levels
+        self.num_mixtures = H.num_mixtures
+        self.out_conv = get_conv(H.width, dmol_param_count(H.image_channels, H.num_mixtures), 1)
+
+    def forward(self, px_z: torch.Tensor) -> torch.Tensor:
+        return self.out_conv(px_z)
+
+    def nll(self, px_z: torch.Tensor, x_target: torch.Tensor) -> torch.Tensor:
+        """Negative log-likelihood in nats per image (summed over pixels and channels)."""
+        return -dmol_log_prob(self.forward(px_z), x_target, self.levels, self.num_mixtures).sum(dim=(1, 2))
+
+    def sample(self, px_z: torch.Tensor) -> torch.Tensor:
+        """Integer pixel levels (B, C, H, W)."""
+        return dmol_sample(self.forward(px_z), self.channels, self.levels, self.num_mixtures)
+
+
+class Decoder(nn.Module):
+    """Top-down network of DecBlocks over the resolutions of ``dec_blocks``."""
+
+    def __init__(self, H: Hyperparams):
+        super().__init__()
+        self.image_size = H.image_size
+        self.widths = get_width_settings(H.width, H.custom_width_str)
+        specs = parse_layer_string(H.dec_blocks)
+        self.dec_blocks = nn.ModuleList(DecBlock(H, res, mixin, n_blocks=len(specs)) for res, mixin in specs)
+        self.resolutions = sorted({res for res, _ in specs})
+        self.bias_resolutions = [r for r in self.resolutions if r <= H.no_bias_above]
+        self.bias_xs = nn.ParameterList(nn.Parameter(torch.zeros(1, self.widths[r], r, r))
+                                        for r in self.bias_resolutions)
+        self.stem_res = specs[0][0]
+        if H.n_classes > 0:  # the class enters at the top of the decoder and flows down through it
+            self.class_emb = nn.Embedding(H.n_classes, self.widths[self.stem_res])
+        self.out_net = DmolNet(H)
+        self.gain = nn.Parameter(torch.ones(1, H.width, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(1, H.width, 1, 1))
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.dec_blocks)
+
+    def _initial_states(self, labels: torch.Tensor | None, batch: int) -> dict[int, torch.Tensor]:
+        xs = {r: b.expand(batch, -1, -1, -1) for r, b in zip(self.bias_resolutions, self.bias_xs)}
+        if hasattr(self, "class_emb"):
+            if labels is None:
+                raise ValueError("this model is class-conditional: pass labels")
+            emb = self.class_emb(labels)[:, :, None, None]
+            stem = xs.get(self.stem_res)
+            xs[self.stem_res] = emb.expand(-1, -1, self.stem_res, self.stem_res) if stem is None else stem + emb
+        return xs
+
+    def forward(self, activations: dict[int, torch.Tensor] | None, labels: torch.Tensor | None,
+                batch: int | None = None, n_posterior: int | None = None,
+                temperature: float | Sequence[float] = 1.0,
+                noises: Sequence[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, list[dict]]:
+        """Run the decoder top-down.
+
+        Groups ``0..n_posterior-1`` draw from the posterior (all of them by default when ``activations`` is
+        given), the rest from the prior at ``temperature`` (a float, or one per group). ``noises`` fixes the
+        standard-normal noise of chosen groups. Returns the output features and per-group stats.
+        """
+        ref = self.gain  # device and dtype of zero initial states
+        if batch is None:
+            batch = next(iter(activations.values())).shape[0] if activations else len(labels)
+        if n_posterior is None:
+            n_posterior = self.n_groups if activations is not None else 0
+        temps = [float(temperature)] * self.n_groups if np.isscalar(temperature) else [float(t) for t in temperature]
+        if len(temps) != self.n_groups:
+            raise ValueError(f"expected {self.n_groups} temperatures (one per latent group), got {len(temps)}")
+        xs = self._initial_states(labels, batch)
+        stats = []
+        for i, block in enumerate(self.dec_blocks):
+            res = block.base
+            x = xs.get(res)
+            if x is None:
+                x = torch.zeros(batch, self.widths[res], res, res, device=ref.device, dtype=ref.dtype)
+            if block.mixin is not None:
+                up = xs[block.mixin][:, :x.shape[1]]
+                x = x + F.interpolate(up, scale_factor=res // block.mixin)
+            acts = activations[res] if i < n_posterior else None
+            noise = noises[i] if noises is not None else None
+            x, kl, z = block(x, acts, temps[i], noise)
+            xs[res] = x
+            stats.append({"kl": kl, "z": z})
+        out = xs[self.image_size]
+        return out * self.gain + self.bias, stats
+
+
+class VAE(nn.Module):
+    """Encoder + decoder + output likelihood; losses are in bits per dimension."""
+
+    def __init__(self, H: Hyperparams):
+        super().__init__()
+        self.H = H
+        self.encoder = Encoder(H)
+        self.decoder = Decoder(H)
+
+    # ---- data scaling -------------------------------------------------------------------------
+    def preprocess(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images (B, C, H, W) in 0..255 -> (encoder input, likelihood target in [-1, 1])."""
+        x = images.float()
+        enc_in = (x + self.H.data_shift) * self.H.data_scale
+        levels = self.H.pixel_levels - 1
+        target = torch.round(x * (levels / 255.0)) * (2.0 / levels) - 1.0
+        return enc_in, target
+
+    def levels_to_uint8(self, levels: torch.Tensor) -> torch.Tensor:
+        """Integer pixel levels 0..L-1 -> uint8 0..255 for display and saving."""
+        return torch.round(levels.float() * (255.0 / (self.H.pixel_levels - 1))).to(torch.uint8)
+
+    # ---- the ELBO -----------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Negative ELBO of uint8 ``images``: per-image bits/dim split into reconstruction and KL.
+
+        Returns means over the batch (``loss``, ``recon``, ``kl`` in bits/dim, ``loss_nats`` for the
+        optimiser) and per-image vectors (``loss_per_image``), plus per-group KL (``kl_groups``).
+        """
+        enc_in, target = self.preprocess(images)
+        activations = self.encoder(enc_in)
+        px_z, stats = self.decoder(activations, labels)
+        ndims = float(np.prod(images.shape[1:]))
+        recon_nats = self.decoder.out_net.nll(px_z, target)  # (B,)
+        kl_groups = torch.stack([s["kl"].sum(dim=(1, 2, 3)) for s in stats], dim=1)  # (B, G)
+        kl_nats = kl_groups.sum(dim=1)
+        loss_nats = (recon_nats + kl_nats) / ndims
+        to_bits = 1.0 / (ndims * math.log(2.0))
+        return {
+            "loss_nats": loss_nats.mean(),
+            "loss": loss_nats.mean() / math.log(2.0),
+            "recon": (recon_nats * to_bits).mean(),
+            "kl": (kl_nats * to_bits).mean(),
+            "loss_per_image": loss_nats / math.log(2.0),
+            "kl_groups": (kl_groups * to_bits).mean(dim=0),
+        }
+
+    # ---- generation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, n: int, labels: torch.Tensor | None = None, temperature: float | Sequence[float] = 1.0,
+               noises: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+        """``n`` images from the prior (for ``labels`` when conditional), as uint8 (n, C, H, W)."""
+        px_z, _ = self.decoder(None, labels, batch=n, temperature=temperature, noises=noises)
+        return self.levels_to_uint8(self.decoder.out_net.sample(px_z))
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, labels: torch.Tensor | None = None, n_posterior: int | None = None,
+                    temperature: float | Sequence[float] = 1.0) -> torch.Tensor:
+        """Decode the top ``n_posterior`` latent groups from the posterior, the rest from the prior."""
+        enc_in, _ = self.preprocess(images)
+        activations = self.encoder(enc_in)
+        px_z, _ = self.decoder(activations, labels, n_posterior=n_posterior, temperature=temperature)
+        return self.levels_to_uint8(self.decoder.out_net.sample(px_z))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,227 @@
+"""Building blocks and probability maths of the VDVAE: residual blocks, block-spec parsing,
+Gaussian KL and sampling, and the discretized mixture of logistics (DMOL) likelihood.
+
+All likelihood and KL maths runs in float32, even when the caller is under autocast.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------------------------
+# Block specs
+# ---------------------------------------------------------------------------------------------
+
+_SPEC_ITEM = re.compile(r"^(\d+)(?:([xmd])(\d+))?$")
+
+
+def parse_layer_string(spec: str) -> list[tuple[int, int | None]]:
+    """Parse a block spec such as ``32x11,32d2,16x6`` or ``1x1,4m1,4x2`` into (resolution, arg) pairs.
+
+    ``RxN`` is N blocks at resolution R; ``RdK`` is one block at R followed by average pooling by K;
+    ``RmS`` is one decoder block at R whose input is the state at resolution S upsampled (mixin).
+    Plain ``R`` is a single block. The arg is the down rate or mixin resolution, else None.
+    """
+    layers: list[tuple[int, int | None]] = []
+    for item in spec.split(","):
+        match = _SPEC_ITEM.match(item.strip())
+        if not match:
+            raise ValueError(f"bad block spec item {item!r} in {spec!r}: expected R, RxN, RdK or RmS")
+        res, op, num = int(match.group(1)), match.group(2), match.group(3)
+        if op == "x":
+            layers += [(res, None)] * int(num)
+        elif op in ("m", "d"):
+            layers.append((res, int(num)))
+        else:
+            layers.append((res, None))
+    return layers
+
+
+def get_width_settings(width: int, custom: str) -> dict[int, int]:
+    """Width per resolution: ``width`` everywhere unless ``custom`` (e.g. ``512:32,256:64``) says otherwise."""
+    mapping: dict[int, int] = defaultdict(lambda: width)
+    if custom:
+        for item in custom.split(","):
+            res, w = item.split(":")
+            mapping[int(res)] = int(w)
+    return mapping
+
+
+# ---------------------------------------------------------------------------------------------
+# Convolutions and the residual bottleneck block
+# ---------------------------------------------------------------------------------------------
+
+
+def get_conv(in_dim: int, out_dim: int, kernel_size: int, zero_weights: bool = False) -> nn.Conv2d:
+    """A same-padded convolution with zero bias (and optionally zero weights), as in VDVAE."""
+    conv = nn.Conv2d(in_dim, out_dim, kernel_size, padding=kernel_size // 2)
+    nn.init.zeros_(conv.bias)
+    if zero_weights:
+        nn.init.zeros_(conv.weight)
+    return conv
+
+
+class Block(nn.Module):
+    """Bottleneck block: GELU then conv, four times (1x1, 3x3, 3x3, 1x1), optional residual and pooling.
+
+    The 3x3 convs become 1x1 at resolutions <= 2, where a 3x3 kernel would mostly see padding.
+    """
+
+    def __init__(self, in_width: int, middle_width: int, out_width: int, down_rate: int | None = None,
+                 residual: bool = False, use_3x3: bool = True, zero_last: bool = False):
+        super().__init__()
+        self.down_rate = down_rate
+        self.residual = residual
+        k = 3 if use_3x3 else 1
+        self.c1 = get_conv(in_width, middle_width, 1)
+        self.c2 = get_conv(middle_width, middle_width, k)
+        self.c3 = get_conv(middle_width, middle_width, k)
+        self.c4 = get_conv(middle_width, out_width, 1, zero_weights=zero_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c1(F.gelu(x))
+        h = self.c2(F.gelu(h))
+        h = self.c3(F.gelu(h))
+        h = self.c4(F.gelu(h))
+        out = x + h if self.residual else h
+        if self.down_rate is not None:
+            out = F.avg_pool2d(out, kernel_size=self.down_rate, stride=self.down_rate)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Diagonal Gaussians, parameterised by mean and log standard deviation
+# ---------------------------------------------------------------------------------------------
+
+
+def gaussian_analytical_kl(mu1: torch.Tensor, mu2: torch.Tensor, logsigma1: torch.Tensor,
+                           logsigma2: torch.Tensor) -> torch.Tensor:
+    """Elementwise KL( N(mu1, sigma1^2) || N(mu2, sigma2^2) ) in nats, computed in float32.
+
+    KL = log(s2/s1) + (s1^2 + (mu1-mu2)^2) / (2 s2^2) - 1/2  (the closed form used by the ELBO, eq. 2-3
+    of Child 2020, with q the posterior and p the prior of each latent group).
+    """
+    mu1, mu2, logsigma1, logsigma2 = (t.float() for t in (mu1, mu2, logsigma1, logsigma2))
+    return (-0.5 + logsigma2 - logsigma1
+            + 0.5 * (torch.exp(2 * logsigma1) + (mu1 - mu2) ** 2) * torch.exp(-2 * logsigma2))
+
+
+def draw_gaussian_diag_samples(mu: torch.Tensor, logsigma: torch.Tensor,
+                               noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Reparameterised sample mu + sigma * eps; ``noise`` supplies eps when the caller fixes it."""
+    eps = torch.randn_like(mu) if noise is None else noise.to(mu.dtype)
+    return torch.exp(logsigma) * eps + mu
+
+
+# ---------------------------------------------------------------------------------------------
+# Discretized mixture of logistics (Salimans et al. 2017, PixelCNN++), over L pixel levels
+# ---------------------------------------------------------------------------------------------
+#
+# Pixel values are levels k = 0..L-1 mapped to x = 2k/(L-1) - 1 in [-1, 1]; each level owns the bin
+# [x - 1/(L-1), x + 1/(L-1)], and the two edge bins extend to -inf and +inf so the L probabilities sum to 1.
+# For three channels the means of G and B depend linearly on the (observed) values of the channels before
+# them, with coefficients through tanh. The parameter layout matches openai/vdvae for 3 channels: the
+# mixture logits, then for each channel in turn its means, log-scales and one coefficient slot.
+
+LOG_SCALE_MIN = -7.0
+
+
+def dmol_param_count(channels: int, num_mixtures: int) -> int:
+    """Channels the output conv must produce: logits plus means and log-scales (and coefficients for RGB)."""
+    _check_channels(channels)
+    return num_mixtures * (10 if channels == 3 else 3)
+
+
+def _check_channels(channels: int) -> None:
+    if channels not in (1, 3):
+        raise ValueError(f"DMOL supports 1 or 3 image channels, got {channels}")
+
+
+def _split_dmol_params(params: torch.Tensor, channels: int, num_mixtures: int):
+    """Split (B, P, H, W) output-conv activations into logits (B,M,H,W) and per-channel (B,C,M,H,W) parts."""
+    _check_channels(channels)
+    b, _, h, w = params.shape
+    m = num_mixtures
+    logits = params[:, :m]
+    per_channel = 3 if channels == 3 else 2
+    rest = params[:, m:].reshape(b, channels, per_channel, m, h, w)
+    means = rest[:, :, 0]
+    log_scales = rest[:, :, 1].clamp(min=LOG_SCALE_MIN)
+    coeffs = torch.tanh(rest[:, :, 2]) if channels == 3 else None
+    return logits, means, log_scales, coeffs
+
+
+def _channel_means(means: torch.Tensor, coeffs: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """Means of each channel given the observed values x (B,C,H,W) of the channels before it."""
+    if coeffs is None:
+        return means
+    x = x.unsqueeze(2)  # (B, C, 1, H, W) broadcast over mixtures
+    m_r = means[:, 0]
+    m_g = means[:, 1] + coeffs[:, 0] * x[:, 0]
+    m_b = means[:, 2] + coeffs[:, 1] * x[:, 0] + coeffs[:, 2] * x[:, 1]
+    return torch.stack([m_r, m_g, m_b], dim=1)
+
+
+def dmol_log_prob(params: torch.Tensor, x: torch.Tensor, levels: int, num_mixtures: int) -> torch.Tensor:
+    """Log-probability in nats of each pixel (summed over channels): shape (B, H, W).
+
+    ``x`` holds values in [-1, 1] on the grid of ``levels`` levels, shape (B, C, H, W).
+    """
+    params, x = params.float(), x.float()
+    channels = x.shape[1]
+    logits, means, log_scales, coeffs = _split_dmol_params(params, channels, num_mixtures)
+    means = _channel_means(means, coeffs, x)
+    half_bin = 1.0 / (levels - 1)
+    centered = x.unsqueeze(2) - means
+    inv_s = torch.exp(-log_scales)
+    plus_in = inv_s * (centered + half_bin)
+    min_in = inv_s * (centered - half_bin)
+    cdf_delta = torch.sigmoid(plus_in) - torch.sigmoid(min_in)
+    log_cdf_plus = plus_in - F.softplus(plus_in)  # log sigmoid(plus_in): mass of the lowest (open) bin
+    log_one_minus_cdf_min = -F.softplus(min_in)  # log (1 - sigmoid(min_in)): mass of the highest bin
+    mid_in = inv_s * centered
+    # When the bin mass underflows, approximate it by density * bin width (width 2/(L-1) in x-space).
+    log_pdf_mid = mid_in - log_scales - 2.0 * F.softplus(mid_in)
+    log_mid = torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp(min=1e-12)),
+                          log_pdf_mid - math.log((levels - 1) / 2.0))
+    xe = x.unsqueeze(2)
+    log_bin = torch.where(xe < -1.0 + half_bin, log_cdf_plus,
+                          torch.where(xe > 1.0 - half_bin, log_one_minus_cdf_min, log_mid))
+    log_joint = log_bin.sum(dim=1) + torch.log_softmax(logits, dim=1)  # (B, M, H, W)
+    return torch.logsumexp(log_joint, dim=1)
+
+
+def dmol_sample(params: torch.Tensor, channels: int, levels: int, num_mixtures: int,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Exact sample from the DMOL: integer levels 0..L-1 of shape (B, C, H, W).
+
+    A mixture component is drawn per pixel, then each channel is drawn from its logistic and rounded to the
+    nearest level (edge bins absorb the tails), conditioning later channels on the rounded values, which is
+    exactly the distribution ``dmol_log_prob`` scores.
+    """
+    params = params.float()
+    logits, means, log_scales, coeffs = _split_dmol_params(params, channels, num_mixtures)
+    b, m, h, w = logits.shape
+    probs = torch.softmax(logits, dim=1).permute(0, 2, 3, 1).reshape(-1, m)
+    k = torch.multinomial(probs, 1, generator=generator).reshape(b, 1, 1, h, w)
+    pick = lambda t: t.gather(2, k.expand(b, t.shape[1], 1, h, w)).squeeze(2)  # noqa: E731
+    mu, log_s = pick(means), pick(log_scales)
+    co = pick(coeffs) if coeffs is not None else None
+    u = torch.rand(mu.shape, generator=generator, device=mu.device).clamp(1e-5, 1.0 - 1e-5)
+    noise = torch.log(u) - torch.log1p(-u)  # standard logistic
+    out = torch.empty_like(mu)
+    for c in range(channels):
+        mean_c = mu[:, c]
+        if c >= 1:
+            mean_c = mean_c + co[:, 0 if c == 1 else 1] * out[:, 0]
+        if c == 2:
+            mean_c = mean_c + co[:, 2] * out[:, 1]
+        x_c = mean_c + torch.exp(log_s[:, c]) * noise[:, c]
+        level = torch.round((x_c + 1.0) * (levels - 1) / 2.0).clamp(0, levels - 1)
+        out[:, c] = level * (2.0 / (levels - 1)) - 1.0
+    return torch.round((out + 1.0) * (levels - 1) / 2.0).long()
