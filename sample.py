@@ -16,8 +16,7 @@ import numpy as np
 import torch
 
 from hps import Hyperparams
-from train import save_grid
-from utils import UserError, load_checkpoint, pick_device, run_cli
+from utils import UserError, load_checkpoint, pick_device, run_cli, save_grid
 from vae import VAE
 
 

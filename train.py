@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import Data, Split, epoch_batches, eval_batches, load_data, random_shift
+from data import Data, Split, epoch_batches, load_data, random_shift
 from hps import Hyperparams, parse_args
+from evaluate import evaluate_elbo
 from utils import (CHECKPOINT_FORMAT, RunLogger, UserError, atomic_torch_save, load_checkpoint, pick_device,
-                   run_cli)
+                   run_cli, save_grid, seeded)
 from vae import VAE, count_parameters
 from vae_helpers import parse_layer_string
 
@@ -83,58 +84,61 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, rate: float) -> Non
 
 
 @torch.no_grad()
-def evaluate(model: VAE, split: Split, batch_size: int, device: torch.device, seed: int = 0) -> dict:
-    """Mean negative ELBO over ``split`` in bits/dim (total, reconstruction, KL, KL per latent group).
-
-    The posterior noise comes from a fixed seed, so the figure is repeatable, and the training RNG is
-    left untouched.
-    """
-    model.eval()
-    totals = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
-    kl_groups = None
-    conditional = model.H.n_classes > 0
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        for images, labels in eval_batches(split, batch_size):
-            out = model(images.to(device), labels.to(device) if conditional else None)
-            n = len(labels)
-            for key in totals:
-                totals[key] += out[key].item() * n
-            groups = out["kl_groups"].double().cpu() * n
-            kl_groups = groups if kl_groups is None else kl_groups + groups
-    model.train()
-    n = len(split)
-    result = {k: v / n for k, v in totals.items()}
-    result["kl_groups"] = [round(float(v), 6) for v in kl_groups / n]
-    return result
-
-
-@torch.no_grad()
 def sample_grid(model: VAE, class_names: list[str], n_per_class: int, temperature: float,
                 device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``n_per_class`` samples of every class (or 10 rows of unconditional samples): uint8 images, labels."""
     model.eval()
     n_rows = len(class_names) if model.H.n_classes > 0 else 10
     labels = torch.arange(n_rows, device=device).repeat_interleave(n_per_class)
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    with seeded(device, seed):
         images = model.sample(len(labels), labels if model.H.n_classes > 0 else None, temperature)
-    model.train()
     return images.cpu(), labels.cpu()
 
 
-def save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
-    """Save uint8 images as a PNG grid, upscaled so small images (8x8 digits) stay visible."""
-    from torchvision.utils import save_image
+def train_step(H: Hyperparams, model: VAE, ema: VAE, optimizer, scheduler, images, labels) -> dict:
+    """One update on the negative ELBO (nats/dim); skipped when the loss or gradient is not finite or
+    the gradient norm exceeds ``skip_threshold``. The schedule and the EMA advance either way, as in
+    openai/vdvae."""
+    out = model(images, labels)
+    optimizer.zero_grad(set_to_none=True)
+    out["loss_nats"].backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), H.grad_clip or math.inf).item()
+    loss = out["loss"].item()
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    skip = not finite or (H.skip_threshold > 0 and grad_norm >= H.skip_threshold)
+    if not skip:
+        optimizer.step()
+    scheduler.step()
+    ema_update(ema, model, H.ema_rate)
+    return {"skipped": int(skip), "loss": loss, "recon": out["recon"].item(), "kl": out["kl"].item(),
+            "grad_norm": grad_norm}
 
-    scale = max(1, 32 // images.shape[-1])
-    x = images.float() / 255.0
-    if scale > 1:
-        x = torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(x, str(path), nrow=nrow, padding=2, pad_value=0.5)
+
+class Window:
+    """Running means of the training figures between two log lines (skipped updates left out)."""
+
+    KEYS = ("loss", "recon", "kl", "grad_norm")
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = dict.fromkeys(self.KEYS, 0.0)
+        self.n, self.steps, self.t0 = 0, 0, time.perf_counter()
+
+    def add(self, stats: dict) -> None:
+        self.steps += 1
+        if not stats["skipped"]:
+            self.n += 1
+            for key in self.KEYS:
+                self.sums[key] += stats[key]
+
+    def summary(self, batch_size: int) -> dict:
+        elapsed = time.perf_counter() - self.t0
+        out = {k: v / max(1, self.n) for k, v in self.sums.items()}
+        out["img_per_s"] = round(self.steps * batch_size / elapsed, 2) if elapsed > 0 else 0.0
+        self.reset()
+        return out
 
 
 def checkpoint_dict(H: Hyperparams, model, ema, optimizer, scheduler, state: dict, class_names) -> dict:
@@ -209,7 +213,8 @@ def main(argv: list[str]) -> None:
         atomic_torch_save(ckpt, run_dir / f"{tag}.pt")
 
     def run_eval(split_name: str, split: Split) -> dict:
-        result = evaluate(ema, split, H.n_batch_eval, device)
+        result = evaluate_elbo(ema, split, H.n_batch_eval, device)
+        result.pop("per_image")
         log.info(f"step {state['step']} | {split_name} bits/dim (EMA) {result['loss']:.4f} "
                  f"= recon {result['recon']:.4f} + kl {result['kl']:.4f}")
         log.metrics("eval", step=state["step"], split=split_name, **result)
@@ -219,62 +224,39 @@ def main(argv: list[str]) -> None:
     steps_per_epoch = len(data.train) // H.n_batch
     if steps_per_epoch == 0:
         raise UserError(f"--n_batch {H.n_batch} is larger than the training set ({len(data.train)} images)")
-    total = H.max_steps if H.max_steps else H.num_epochs * steps_per_epoch
+    total = min(H.max_steps or math.inf, H.num_epochs * steps_per_epoch)
     bar = tqdm(total=total, initial=state["step"], desc="train", dynamic_ncols=True, mininterval=1.0,
                file=sys.stderr)
-    window = {"loss": 0.0, "recon": 0.0, "kl": 0.0, "grad_norm": 0.0, "n": 0}
-    t_window = time.perf_counter()
+    window = Window()
     start_time = time.perf_counter()
     model.train()
-    while state["epoch"] < H.num_epochs and state["step"] < total:
-        for images, labels in epoch_batches(data.train, H.n_batch, H.seed, state["epoch"], state["batch_in_epoch"]):
+    while state["step"] < total:
+        batches = epoch_batches(data.train, H.n_batch, H.seed, state["epoch"], state["batch_in_epoch"])
+        for images, labels in batches:
             images = random_shift(images.to(device), H.augment_shift)
-            labels = labels.to(device) if conditional else None
-            out = model(images, labels)
-            optimizer.zero_grad(set_to_none=True)
-            out["loss_nats"].backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), H.grad_clip or float("inf")).item()
-            loss = out["loss"].item()
-            skip = not (math.isfinite(loss) and math.isfinite(grad_norm)) or (
-                H.skip_threshold > 0 and grad_norm >= H.skip_threshold)
-            if skip:
-                state["skipped"] += 1
-            else:
-                optimizer.step()
-            scheduler.step()
-            ema_update(ema, model, H.ema_rate)
+            stats = train_step(H, model, ema, optimizer, scheduler, images,
+                               labels.to(device) if conditional else None)
             state["step"] += 1
             state["batch_in_epoch"] += 1
+            state["skipped"] += stats["skipped"]
+            window.add(stats)
             bar.update(1)
-            if not skip:
-                window["loss"] += loss
-                window["recon"] += out["recon"].item()
-                window["kl"] += out["kl"].item()
-                window["grad_norm"] += grad_norm
-                window["n"] += 1
             step = state["step"]
             if step % H.log_every == 0 or step == total:
-                n = max(1, window.pop("n"))
-                elapsed = time.perf_counter() - t_window
-                stats = {k: v / n for k, v in window.items()}
-                img_s = H.log_every * H.n_batch / elapsed if elapsed > 0 else 0.0
-                bar.set_postfix(bpd=f"{stats['loss']:.3f}", gnorm=f"{stats['grad_norm']:.1f}",
-                                skipped=state["skipped"], img_s=f"{img_s:.0f}")
+                summary = window.summary(H.n_batch)
+                bar.set_postfix(bpd=f"{summary['loss']:.3f}", gnorm=f"{summary['grad_norm']:.1f}",
+                                skipped=state["skipped"], img_s=f"{summary['img_per_s']:.0f}")
                 log.metrics("train", step=step, epoch=state["epoch"], lr=scheduler.get_last_lr()[0],
-                            skipped_updates=state["skipped"], img_per_s=round(img_s, 2), **stats)
-                window = {"loss": 0.0, "recon": 0.0, "kl": 0.0, "grad_norm": 0.0, "n": 0}
-                t_window = time.perf_counter()
+                            skipped_updates=state["skipped"], **summary)
             if H.eval_every and step % H.eval_every == 0 and step < total:
                 run_eval("valid", data.valid)
             if step % H.save_every == 0 and step < total:
                 save()
             if step >= total:
                 break
-        else:
+        else:  # the epoch ran out: the next one starts from its first batch
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
-            continue
-        break
     bar.close()
     train_seconds = time.perf_counter() - start_time
 

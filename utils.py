@@ -1,6 +1,7 @@
 """Plumbing shared by the entry points: errors for users, devices, logging, checkpoints."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -56,6 +57,30 @@ def pick_device(name: str):
     if device.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"unsupported device {name!r}; valid: auto, cpu, cuda, cuda:N, mps")
     return device
+
+
+@contextlib.contextmanager
+def seeded(device, seed: int):
+    """Run the block with the global RNG seeded, then restore the caller's RNG state (so evaluation and
+    sampling neither depend on nor disturb the training stream)."""
+    import torch
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def save_grid(images, path, nrow: int) -> None:
+    """Save uint8 images (N, C, H, W) as a PNG grid, upscaled so small images (8x8 digits) stay visible."""
+    import torch
+    from torchvision.utils import save_image
+
+    scale = max(1, 32 // images.shape[-1])
+    x = images.float() / 255.0
+    if scale > 1:
+        x = torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_image(x, str(path), nrow=nrow, padding=2, pad_value=0.5)
 
 
 # ---------------------------------------------------------------------------------------------

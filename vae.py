@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from hps import Hyperparams
 from vae_helpers import (Block, dmol_log_prob, dmol_param_count, dmol_sample, draw_gaussian_diag_samples,
-                         gaussian_analytical_kl, get_conv, get_width_settings, parse_layer_string)
+                         gaussian_analytical_kl, gaussian_log_prob, get_conv, get_width_settings,
+                         parse_layer_string)
 
 
 class Encoder(nn.Module):
@@ -76,25 +77,29 @@ class DecBlock(nn.Module):
         self.resnet.c4.weight.data *= math.sqrt(1.0 / n_blocks)
 
     def forward(self, x: torch.Tensor, acts: torch.Tensor | None, temperature: float = 1.0,
-                noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+                noise: torch.Tensor | None = None, log_ratio: bool = False) -> tuple[torch.Tensor, dict]:
         """Draw z (posterior when ``acts`` is given, else prior at ``temperature``) and update the state.
 
-        Returns the new state, the KL map (posterior only, nats, fp32) and z.
+        Returns the new state and stats: z, and for the posterior the KL map (nats, fp32) and, when
+        ``log_ratio``, log q(z|x) - log p(z) at the drawn z (for importance-weighted bounds).
         """
         feats = self.prior(x)
         pm, plogs, xpp = feats[:, :self.zdim], feats[:, self.zdim:2 * self.zdim], feats[:, 2 * self.zdim:]
-        kl = None
+        stats = {}
         if acts is not None:
             qm, qlogs = self.enc(torch.cat([x, acts], dim=1)).chunk(2, dim=1)
             z = draw_gaussian_diag_samples(qm, qlogs, noise)
-            kl = gaussian_analytical_kl(qm, pm, qlogs, plogs)
+            stats["kl"] = gaussian_analytical_kl(qm, pm, qlogs, plogs)
+            if log_ratio:
+                stats["log_ratio"] = gaussian_log_prob(z, qm, qlogs) - gaussian_log_prob(z, pm, plogs)
         else:
             if temperature != 1.0:  # a temperature t scales the prior's standard deviation by t
                 plogs = plogs + math.log(temperature)
             z = draw_gaussian_diag_samples(pm, plogs, noise)
         x = x + xpp
         x = x + self.z_proj(z)
-        return self.resnet(x), kl, z
+        stats["z"] = z
+        return self.resnet(x), stats
 
 
 class DmolNet(nn.Module):
@@ -156,7 +161,8 @@ class Decoder(nn.Module):
     def forward(self, activations: dict[int, torch.Tensor] | None, labels: torch.Tensor | None,
                 batch: int | None = None, n_posterior: int | None = None,
                 temperature: float | Sequence[float] = 1.0,
-                noises: Sequence[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, list[dict]]:
+                noises: Sequence[torch.Tensor | None] | None = None,
+                log_ratio: bool = False) -> tuple[torch.Tensor, list[dict]]:
         """Run the decoder top-down.
 
         Groups ``0..n_posterior-1`` draw from the posterior (all of them by default when ``activations`` is
@@ -183,9 +189,9 @@ class Decoder(nn.Module):
                 x = x + F.interpolate(up, scale_factor=res // block.mixin)
             acts = activations[res] if i < n_posterior else None
             noise = noises[i] if noises is not None else None
-            x, kl, z = block(x, acts, temps[i], noise)
+            x, block_stats = block(x, acts, temps[i], noise, log_ratio)
             xs[res] = x
-            stats.append({"kl": kl, "z": z})
+            stats.append(block_stats)
         out = xs[self.image_size]
         return out * self.gain + self.bias, stats
 
@@ -236,6 +242,18 @@ class VAE(nn.Module):
             "loss_per_image": loss_nats / math.log(2.0),
             "kl_groups": (kl_groups * to_bits).mean(dim=0),
         }
+
+    @torch.no_grad()
+    def log_importance_weights(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """One posterior draw per image: log p(x|z,y) + log p(z|y) - log q(z|x,y) in nats, shape (B,).
+
+        The mean over draws is the ELBO; log-mean-exp over K draws is the importance-weighted bound
+        (Burda et al. 2016), which tightens towards log p(x|y) as K grows.
+        """
+        enc_in, target = self.preprocess(images)
+        px_z, stats = self.decoder(self.encoder(enc_in), labels, log_ratio=True)
+        log_px_z = -self.decoder.out_net.nll(px_z, target)
+        return log_px_z - sum(s["log_ratio"].sum(dim=(1, 2, 3)) for s in stats)
 
     # ---- generation ---------------------------------------------------------------------------
     @torch.no_grad()

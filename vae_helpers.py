@@ -111,6 +111,12 @@ def gaussian_analytical_kl(mu1: torch.Tensor, mu2: torch.Tensor, logsigma1: torc
             + 0.5 * (torch.exp(2 * logsigma1) + (mu1 - mu2) ** 2) * torch.exp(-2 * logsigma2))
 
 
+def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, logsigma: torch.Tensor) -> torch.Tensor:
+    """Elementwise log N(z; mu, sigma^2) in nats, computed in float32."""
+    z, mu, logsigma = z.float(), mu.float(), logsigma.float()
+    return -0.5 * math.log(2 * math.pi) - logsigma - 0.5 * ((z - mu) * torch.exp(-logsigma)) ** 2
+
+
 def draw_gaussian_diag_samples(mu: torch.Tensor, logsigma: torch.Tensor,
                                noise: torch.Tensor | None = None) -> torch.Tensor:
     """Reparameterised sample mu + sigma * eps; ``noise`` supplies eps when the caller fixes it."""

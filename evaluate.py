@@ -1,0 +1,192 @@
+"""Evaluate a checkpoint on held-out data, in bits per dimension (EMA weights by default).
+
+    python evaluate.py --weights weights/digits                       # ELBO, per class, classification
+    python evaluate.py --weights weights/cifar10 --iw_samples 1000    # plus an importance-weighted bound
+
+Reports the negative ELBO split into reconstruction and KL (and KL per resolution), an importance-weighted
+bound with K posterior draws (K=1 is the ELBO), the negative ELBO of each class, and generative
+classification: each image is given the class whose conditional ELBO is best (a uniform p(y)), with its
+accuracy and confusion matrix. Prints a table and writes one JSON file beside the checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data import Split, eval_batches, load_data
+from utils import UserError, pick_device, resolve_checkpoint, run_cli, seeded
+
+
+@torch.no_grad()
+def evaluate_elbo(model, split: Split, batch_size: int, device: torch.device, seed: int = 0) -> dict:
+    """Mean negative ELBO over ``split`` (bits/dim): total, reconstruction, KL, KL per latent group, and
+    the per-image values. Noise comes from a fixed seed; the caller's RNG state is untouched."""
+    was_training = model.training
+    model.eval()
+    conditional = model.H.n_classes > 0
+    per_image, recon, kl, kl_groups = [], 0.0, 0.0, 0.0
+    with seeded(device, seed):
+        for images, labels in eval_batches(split, batch_size):
+            out = model(images.to(device), labels.to(device) if conditional else None)
+            per_image.append(out["loss_per_image"].double().cpu())
+            recon += out["recon"].item() * len(labels)
+            kl += out["kl"].item() * len(labels)
+            kl_groups = kl_groups + out["kl_groups"].double().cpu() * len(labels)
+    model.train(was_training)
+    per_image = torch.cat(per_image)
+    n = len(split)
+    return {"loss": per_image.mean().item(), "recon": recon / n, "kl": kl / n,
+            "kl_groups": [float(v) for v in kl_groups / n], "per_image": per_image}
+
+
+@torch.no_grad()
+def importance_weighted_bpd(model, split: Split, k: int, batch_size: int, device: torch.device,
+                            seed: int = 0) -> torch.Tensor:
+    """Per-image importance-weighted bound with ``k`` posterior draws, as bits/dim (lower is better).
+
+    log p(x|y) >= log (1/K) sum_k p(x, z_k | y) / q(z_k | x, y); draws are batched ``batch_size`` rows at a
+    time, so K=1000 fits in the memory of one evaluation batch.
+    """
+    model.eval()
+    conditional = model.H.n_classes > 0
+    ndims = float(np.prod(split.images.shape[1:]))
+    images_per_chunk = max(1, batch_size // k)
+    bounds = []
+    with seeded(device, seed):
+        for images, labels in eval_batches(split, images_per_chunk):
+            rows = images.repeat_interleave(k, dim=0)
+            row_labels = labels.repeat_interleave(k, dim=0)
+            log_w = []
+            for start in range(0, len(rows), batch_size):
+                x = rows[start:start + batch_size].to(device)
+                y = row_labels[start:start + batch_size].to(device) if conditional else None
+                log_w.append(model.log_importance_weights(x, y).double().cpu())
+            log_w = torch.cat(log_w).reshape(len(images), k)
+            log_px = torch.logsumexp(log_w, dim=1) - math.log(k)
+            bounds.append(-log_px / (ndims * math.log(2.0)))
+    return torch.cat(bounds)
+
+
+@torch.no_grad()
+def class_conditional_bpd(model, split: Split, batch_size: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    """Negative ELBO of every image under every class label: (N, n_classes) bits/dim.
+
+    Each class sees the same posterior noise for a given batch, so differences come from the label alone.
+    """
+    model.eval()
+    scores = []
+    for b, (images, _) in enumerate(eval_batches(split, batch_size)):
+        images = images.to(device)
+        row = []
+        for c in range(model.H.n_classes):
+            with seeded(device, seed + b):
+                labels = torch.full((len(images),), c, device=device, dtype=torch.long)
+                row.append(model(images, labels)["loss_per_image"].double().cpu())
+        scores.append(torch.stack(row, dim=1))
+    return torch.cat(scores)
+
+
+def kl_per_resolution(model, kl_groups: list[float]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for block, value in zip(model.decoder.dec_blocks, kl_groups):
+        out[str(block.base)] = out.get(str(block.base), 0.0) + value
+    return out
+
+
+def evaluate_checkpoint(weights: str, split_name: str = "test", iw_samples: int = 1, batch_size: int = 64,
+                        classify: bool = True, device: str = "auto", seed: int = 0,
+                        use_ema: bool = True, data_root: str | None = None) -> dict:
+    """Every figure this module reports, as one JSON-ready dict."""
+    from sample import load_model  # sample.py owns checkpoint -> model
+
+    t0 = time.perf_counter()
+    dev = pick_device(device)
+    model, class_names = load_model(weights, dev, use_ema=use_ema)
+    H = model.H
+    data = load_data(H.dataset, data_root or H.data_root)
+    split = {"test": data.test, "valid": data.valid, "train": data.train}[split_name]
+    elbo = evaluate_elbo(model, split, batch_size, dev, seed)
+    result = {
+        "checkpoint": str(resolve_checkpoint(weights)), "weights": "ema" if use_ema else "raw",
+        "dataset": H.dataset, "split": split_name, "n_images": len(split), "pixel_levels": H.pixel_levels,
+        "bpd": elbo["loss"], "recon_bpd": elbo["recon"], "kl_bpd": elbo["kl"],
+        "kl_per_resolution": kl_per_resolution(model, elbo["kl_groups"]), "kl_per_group": elbo["kl_groups"],
+        "iw_samples": iw_samples,
+    }
+    if iw_samples > 1:
+        result["bpd_iw"] = importance_weighted_bpd(model, split, iw_samples, batch_size, dev, seed).mean().item()
+    else:
+        result["bpd_iw"] = elbo["loss"]
+    labels = split.labels
+    if H.n_classes > 0:
+        result["per_class_bpd"] = {name: elbo["per_image"][labels == c].mean().item()
+                                   for c, name in enumerate(class_names) if (labels == c).any()}
+        if classify:
+            scores = class_conditional_bpd(model, split, batch_size, dev, seed)
+            predicted = scores.argmin(dim=1)
+            confusion = torch.zeros(H.n_classes, H.n_classes, dtype=torch.long)
+            confusion.index_put_((labels, predicted), torch.ones_like(labels), accumulate=True)
+            result["gen_class_acc"] = (predicted == labels).double().mean().item()
+            result["confusion"] = confusion.tolist()
+    result["class_names"] = class_names
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def format_table(r: dict) -> str:
+    lines = [f"{r['dataset']} {r['split']} ({r['n_images']} images, {r['weights']} weights), bits/dim:",
+             f"  negative ELBO        {r['bpd']:.4f}",
+             f"    reconstruction     {r['recon_bpd']:.4f}",
+             f"    KL                 {r['kl_bpd']:.4f}"]
+    lines += [f"      at {res:>4}x{res:<4}     {v:.4f}" for res, v in r["kl_per_resolution"].items()]
+    lines.append(f"  IW bound (K={r['iw_samples']:<5})   {r['bpd_iw']:.4f}")
+    for name, v in r.get("per_class_bpd", {}).items():
+        lines.append(f"  class {name:<14} {v:.4f}")
+    if "gen_class_acc" in r:
+        lines.append(f"  generative classification accuracy {r['gen_class_acc']:.4f}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str):
+            raise UserError(message)
+
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", default="weights/weights.pt", help="checkpoint file or run folder")
+    p.add_argument("--split", default="test", choices=["test", "valid", "train"], help="which split")
+    p.add_argument("--iw_samples", type=int, default=1, help="posterior draws of the IW bound (1: the ELBO)")
+    p.add_argument("--n_batch", type=int, default=64, help="rows per forward pass")
+    p.add_argument("--no_classify", action="store_true", help="skip generative classification")
+    p.add_argument("--data_root", default=None, help="dataset folder (default: the checkpoint's)")
+    p.add_argument("--raw_weights", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--seed", type=int, default=0, help="seed of the posterior noise")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--out", default=None, help="JSON path (default: eval_<split>.json beside the checkpoint)")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    return p
+
+
+def main(argv: list[str]) -> None:
+    args = build_parser().parse_args(argv)
+    if args.iw_samples < 1 or args.n_batch < 1:
+        raise UserError("--iw_samples and --n_batch must be >= 1")
+    result = evaluate_checkpoint(args.weights, args.split, args.iw_samples, args.n_batch, not args.no_classify,
+                                 args.device, args.seed, not args.raw_weights, args.data_root)
+    print(format_table(result))
+    out = Path(args.out) if args.out else Path(result["checkpoint"]).parent / f"eval_{args.split}.json"
+    try:
+        out.write_text(json.dumps(result, indent=1))
+    except OSError as err:
+        raise UserError(f"cannot write {out}: {err.strerror}") from None
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
