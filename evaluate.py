@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from data import Split, eval_batches, load_data
-from utils import UserError, pick_device, resolve_checkpoint, run_cli, seeded
+from utils import UserError, checkpoint_script_parser, pick_device, resolve_checkpoint, run_cli, seeded
 
 
 @torch.no_grad()
@@ -154,22 +154,13 @@ def format_table(r: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    class Parser(argparse.ArgumentParser):
-        def error(self, message: str):
-            raise UserError(message)
-
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", default="weights/weights.pt", help="checkpoint file or run folder")
+    p = checkpoint_script_parser(__doc__)
     p.add_argument("--split", default="test", choices=["test", "valid", "train"], help="which split")
     p.add_argument("--iw_samples", type=int, default=1, help="posterior draws of the IW bound (1: the ELBO)")
     p.add_argument("--n_batch", type=int, default=64, help="rows per forward pass")
     p.add_argument("--no_classify", action="store_true", help="skip generative classification")
     p.add_argument("--data_root", default=None, help="dataset folder (default: the checkpoint's)")
-    p.add_argument("--raw_weights", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--seed", type=int, default=0, help="seed of the posterior noise")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--out", default=None, help="JSON path (default: eval_<split>.json beside the checkpoint)")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     return p
 
 

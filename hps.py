@@ -13,7 +13,7 @@ import difflib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from utils import UserError
+from utils import CliParser, UserError
 from vae_helpers import parse_layer_string
 
 
@@ -113,13 +113,6 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors become one-line UserErrors (exit 2, no usage dump)."""
-
-    def error(self, message: str):  # noqa: D401 - argparse API
-        raise UserError(message)
-
-
 def _unknown_field_message(args: list[str]) -> str:
     names = [a.split("=")[0].lstrip("-") for a in args if a.startswith("--")]
     bad = names[0] if names else args[0]
@@ -131,7 +124,7 @@ def _unknown_field_message(args: list[str]) -> str:
 
 def build_parser(description: str, extra: dict[str, dict] | None = None) -> argparse.ArgumentParser:
     """A parser with ``--hps`` and one ``--field`` per settable hyperparameter (plus ``extra`` flags)."""
-    parser = _Parser(description=description, argument_default=argparse.SUPPRESS,
+    parser = CliParser(description=description, argument_default=argparse.SUPPRESS,
                      formatter_class=argparse.RawDescriptionHelpFormatter,
                      epilog="Every field defaults to the preset's value; the cifar10 value is shown.")
     parser.add_argument("--hps", help=f"preset to start from: {', '.join(PRESETS)} (default: cifar10)")

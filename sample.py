@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from hps import Hyperparams
-from utils import UserError, load_checkpoint, pick_device, run_cli, save_grid
+from utils import UserError, checkpoint_script_parser, load_checkpoint, pick_device, run_cli, save_grid
 from vae import VAE
 
 
@@ -67,21 +67,12 @@ def parse_temperature(text: str, n_groups: int) -> float | list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    class Parser(argparse.ArgumentParser):
-        def error(self, message: str):
-            raise UserError(message)
-
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", default="weights/weights.pt", help="checkpoint file or run folder")
+    p = checkpoint_script_parser(__doc__)
     p.add_argument("--classes", default="", help="comma-separated class names or indices (default: all)")
     p.add_argument("--n_per_class", type=int, default=10, help="samples per class (conditional models)")
     p.add_argument("--n", type=int, default=100, help="number of samples (unconditional models)")
     p.add_argument("--temperature", default="1.0", help="prior temperature, or one per latent group")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default="samples.png", help="output .png grid or .npz arrays")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--raw_weights", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     return p
 
 

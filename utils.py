@@ -1,6 +1,7 @@
 """Plumbing shared by the entry points: errors for users, devices, logging, checkpoints."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -27,6 +28,27 @@ def run_cli(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> 
             traceback.print_exc()
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        sys.stderr.close()
+        sys.exit(1)
+
+
+class CliParser(argparse.ArgumentParser):
+    """argparse whose errors become one-line UserErrors (exit 2, no usage dump)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise UserError(message)
+
+
+def checkpoint_script_parser(description: str) -> CliParser:
+    """The flags every script that reads a checkpoint shares."""
+    p = CliParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", default="weights/weights.pt", help="checkpoint file or run folder")
+    p.add_argument("--raw_weights", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    return p
 
 
 # ---------------------------------------------------------------------------------------------
