@@ -97,7 +97,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The input shift and scale are the digits' mean and standard deviation on the 0..255 scale.
     "digits": dict(
         dataset="digits", pixel_levels=17, data_shift=-78.0, data_scale=1.0 / 96.0, n_classes=10,
-        width=64, enc_blocks="8x2,8d2,4x2,4d4,1x1", dec_blocks="1x1,4m1,4x2,8m4,8x3", zdim=16,
+        width=64, enc_blocks="8x2,8d2,4x3,4d4,1x1", dec_blocks="1x1,4m1,4x5,8m4,8x1", zdim=16,
         num_mixtures=5, lr=2e-3, wd=0.05, warmup_iters=100, lr_decay="cosine", grad_clip=200.0,
         skip_threshold=-1.0, ema_rate=0.998, n_batch=64, max_steps=2500, eval_every=500, save_every=500,
         log_every=50, n_batch_eval=360, temperature=1.0,
