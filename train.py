@@ -186,6 +186,7 @@ def main(argv: list[str]) -> None:
     np.random.seed(H.seed)
     data = load_data(H.dataset, H.data_root)
     derive_from_data(H, data)
+    user_chose_folder = bool(H.save_dir or H.restore)
     run_dir = make_run_dir(H)
     log = RunLogger(run_dir, echo=tqdm.write)
     conditional = H.n_classes > 0
@@ -268,8 +269,8 @@ def main(argv: list[str]) -> None:
     images, _ = sample_grid(ema, data.class_names, 10, H.temperature, device, seed=H.seed)
     grid_path = run_dir / "samples.png"
     save_grid(images, grid_path, nrow=10)
-    if Path("assets").is_dir():  # run from the repository: refresh the preset's picture for the README
-        shutil.copyfile(grid_path, Path("assets") / f"{H.hps}_samples.png")
+    if Path("assets").is_dir() and not user_chose_folder:  # a default run from the repository: refresh
+        shutil.copyfile(grid_path, Path("assets") / f"{H.hps}_samples.png")  # the preset's README picture
     log.info(f"samples (a row per class, t={H.temperature}): {grid_path}")
     log.metrics("final", step=state["step"], train_seconds=round(train_seconds, 1), test_bpd=result["loss"],
                 test_recon=result["recon"], test_kl=result["kl"], skipped_updates=state["skipped"])

@@ -133,3 +133,12 @@ def test_cifar10_preset_trains_and_samples_by_class_name(tmp_path):
     assert result.returncode == 0, result.stderr
     arrays = np.load(out)
     assert arrays["images"].shape == (6, 32, 32, 3) and arrays["labels"].tolist() == [7, 7, 7, 0, 0, 0]
+
+
+def test_only_a_default_run_refreshes_the_readme_picture(tmp_path):
+    (tmp_path / "assets").mkdir()
+    picture = tmp_path / "assets" / "digits_samples.png"
+    assert run("train.py", *tiny_cli_args(tmp_path / "chosen", max_steps=1), cwd=tmp_path).returncode == 0
+    assert not picture.exists()
+    assert run("train.py", *tiny_cli_args(None, max_steps=1), cwd=tmp_path).returncode == 0
+    assert picture.is_file() and (tmp_path / "weights" / "digits" / "latest.pt").is_file()
