@@ -102,16 +102,16 @@ def train_step(H: Hyperparams, model: VAE, ema: VAE, optimizer, scheduler, image
     out = model(images, labels)
     optimizer.zero_grad(set_to_none=True)
     out["loss_nats"].backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), H.grad_clip or math.inf).item()
-    loss = out["loss"].item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), H.grad_clip or math.inf)
+    # one device-to-host transfer for every figure the skip decision and the log need
+    grad_norm, loss, recon, kl = torch.stack([grad_norm, out["loss"], out["recon"], out["kl"]]).tolist()
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
     skip = not finite or (H.skip_threshold > 0 and grad_norm >= H.skip_threshold)
     if not skip:
         optimizer.step()
     scheduler.step()
     ema_update(ema, model, H.ema_rate)
-    return {"skipped": int(skip), "loss": loss, "recon": out["recon"].item(), "kl": out["kl"].item(),
-            "grad_norm": grad_norm}
+    return {"skipped": int(skip), "loss": loss, "recon": recon, "kl": kl, "grad_norm": grad_norm}
 
 
 class Window:
