@@ -158,7 +158,7 @@ def epoch_batches(split: Split, batch_size: int, seed: int, epoch: int,
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(len(split), generator=gen)
     for i in range(start, len(split) // batch_size):
-        idx = order[i * batch_size:(i + 1) * batch_size]
+        idx = order[i * batch_size:(i + 1) * batch_size].to(split.images.device)
         yield split.images[idx], split.labels[idx]
 
 

@@ -53,16 +53,30 @@ class Hyperparams:
     ema_rate: float = _f(0.9999, "exponential moving average rate of the weights used to evaluate and sample")
     n_batch: int = _f(16, "training images per step (per device)")
     augment_shift: int = _f(0, "random translation by up to this many pixels as augmentation (0: none)")
+    # speed and memory (``auto`` picks what measured fastest on the device; see README, Speed)
+    precision: str = _f("auto", "autocast precision: auto (bf16 on GPUs that have it, else fp16 with a gradient "
+                        "scaler; fp32 on CPU), fp32, bf16 or fp16; likelihood and KL always run in fp32")
+    channels_last: str = _f("auto", "channels-last memory format: auto (on for CUDA, off on CPU), on or off")
+    compile: bool = _f(False, "torch.compile the training forward pass (checkpoints keep the plain weights)")
+    grad_checkpoint: str = _f("gelu", "activation checkpointing: none; gelu (recompute the GELUs in the backward "
+                              "pass, about half the activation memory); blocks (recompute every block: least "
+                              "memory, about 1.3x the step time)")
     # run length and bookkeeping
     max_steps: int = _f(0, "stop after this many optimizer steps, then evaluate, sample and save (0: no limit)")
     num_epochs: int = _f(10000, "stop after this many passes over the training set")
     seed: int = _f(0, "random seed of initialisation, data order and sampling")
     device: str = _f("auto", "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
     save_dir: str = _f("", "run folder for checkpoints and logs (default: weights/<hps>)")
-    restore: str = _f("", "checkpoint file or run folder to resume from")
+    restore: str = _f("", "resume from a checkpoint file, a run folder (its newest complete checkpoint), or 'latest': "
+                      "the newest complete checkpoint in --save_dir, or a fresh run there when it holds none")
     eval_every: int = _f(5000, "evaluate the EMA weights on held-out data every this many steps (0: only at the end)")
     n_batch_eval: int = _f(64, "images per evaluation batch")
-    save_every: int = _f(5000, "write a checkpoint every this many steps (and always at the end)")
+    save_every: int = _f(5000, "write latest.pt every this many steps (and at the end); the one it replaces "
+                         "stays as previous.pt")
+    keep_every: int = _f(0, "also keep latest.pt as step-N.pt every this many steps (0: never)")
+    keep_last: int = _f(0, "how many step-N.pt checkpoints to keep, newest first (0: all)")
+    skip_limit: int = _f(100, "stop the run, saving the last good weights, after this many updates in a row are "
+                         "skipped (0: never stop)")
     log_every: int = _f(100, "write metrics every this many steps")
     temperature: float = _f(1.0, "prior temperature of the sample grid drawn at the end of training")
     # derived at start-up from the data (not settable)
@@ -86,6 +100,8 @@ class Hyperparams:
         return cls(**values)
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+GRAD_CHECKPOINTS = ("none", "gelu", "blocks")
 _FIELD_NAMES = frozenset(f.name for f in fields(Hyperparams))
 SETTABLE = [f for f in fields(Hyperparams) if not f.metadata["derived"]]
 
@@ -131,8 +147,9 @@ def build_parser(description: str, extra: dict[str, dict] | None = None) -> argp
     for f in SETTABLE:
         kind = _parse_bool if f.type in (bool, "bool") else {"int": int, "float": float, "str": str}.get(
             f.type if isinstance(f.type, str) else f.type.__name__, str)
+        flag = dict(nargs="?", const=True) if kind is _parse_bool else {}  # a bare --compile means true
         parser.add_argument(f"--{f.name}", type=kind, help=f"{f.metadata['help']} [{f.default!r}]",
-                            metavar=kind.__name__.lstrip("_").upper())
+                            metavar=kind.__name__.lstrip("_").upper(), **flag)
     for name, kwargs in (extra or {}).items():
         parser.add_argument(f"--{name}", **kwargs)
     return parser
@@ -171,7 +188,8 @@ def validate(h: Hyperparams) -> None:
     for name in positive:
         if not getattr(h, name) > 0:
             raise UserError(f"--{name} must be > 0, got {getattr(h, name)}")
-    for name in ["max_steps", "eval_every", "warmup_iters", "wd", "n_classes", "augment_shift", "grad_clip"]:
+    for name in ["max_steps", "eval_every", "warmup_iters", "wd", "n_classes", "augment_shift", "grad_clip",
+                 "keep_every", "keep_last", "skip_limit"]:
         if getattr(h, name) < 0:
             raise UserError(f"--{name} must be >= 0, got {getattr(h, name)}")
     if not 0.0 <= h.ema_rate < 1.0:
@@ -181,6 +199,10 @@ def validate(h: Hyperparams) -> None:
             raise UserError(f"--{name} must be in [0, 1), got {getattr(h, name)}")
     if h.pixel_levels < 2 or h.pixel_levels > 256:
         raise UserError(f"--pixel_levels must be in 2..256, got {h.pixel_levels}")
+    for name, choices in [("precision", PRECISIONS), ("channels_last", ("auto", "on", "off")),
+                          ("grad_checkpoint", GRAD_CHECKPOINTS)]:
+        if getattr(h, name) not in choices:
+            raise UserError(f"--{name} must be one of {', '.join(choices)}, got {getattr(h, name)!r}")
     if h.lr_decay not in ("none", "cosine"):
         raise UserError(f"--lr_decay must be none or cosine, got {h.lr_decay!r}")
     if h.lr_decay == "cosine" and h.max_steps == 0:

@@ -3,6 +3,7 @@
     python train.py --hps digits                      # offline, a few minutes on a CPU
     python train.py --hps cifar10                     # the paper's model, on a GPU
     python train.py --hps digits --restore weights/digits   # resume a run
+    python train.py --hps cifar10 --save_dir weights/job --restore latest   # start, or resume after a stop
 
 Reads top to bottom: settings, data, model, optimiser, (resume), the loop, final evaluation and samples.
 The optimiser minimises the negative ELBO in nats per dimension (so the paper's grad_clip and
@@ -13,6 +14,7 @@ from __future__ import annotations
 import copy
 import math
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -24,8 +26,9 @@ from tqdm import tqdm
 from data import Data, Split, epoch_batches, load_data, random_shift
 from hps import Hyperparams, parse_args
 from evaluate import evaluate_elbo
-from utils import (CHECKPOINT_FORMAT, RunLogger, UserError, atomic_torch_save, load_checkpoint, pick_device,
-                   run_cli, save_grid, seeded)
+from utils import (CHECKPOINT_FORMAT, RunLogger, UserError, atomic_torch_save, autocast, keep_copy, load_checkpoint,
+                   load_newest_checkpoint, pick_device, resolve_channels_last, resolve_precision, run_cli, save_grid,
+                   seeded)
 from vae import VAE, count_parameters
 from vae_helpers import parse_layer_string
 
@@ -33,6 +36,13 @@ from vae_helpers import parse_layer_string
 ARCHITECTURE_FIELDS = ["dataset", "image_size", "image_channels", "pixel_levels", "n_classes", "width",
                        "custom_width_str", "enc_blocks", "dec_blocks", "zdim", "bottleneck_multiple",
                        "num_mixtures", "no_bias_above"]
+
+
+def on_device_if_small(split: Split, device: torch.device, max_bytes: int = 2 << 30) -> Split:
+    """The split moved to ``device`` once when it fits in ``max_bytes``, so batches never cross the bus."""
+    if device.type == "cpu" or split.images.numel() > max_bytes:
+        return split
+    return Split(split.images.to(device), split.labels.to(device))
 
 
 def derive_from_data(H: Hyperparams, data: Data) -> None:
@@ -48,9 +58,12 @@ def derive_from_data(H: Hyperparams, data: Data) -> None:
 
 
 def make_run_dir(H: Hyperparams) -> Path:
-    """The run folder: --save_dir, the folder of a restored checkpoint, or a new weights/<hps>[-N]."""
+    """The run folder: --save_dir, the folder of a restored checkpoint (weights/<hps> for ``--restore latest``),
+    or a new weights/<hps>[-N]."""
     if H.save_dir:
         run_dir = Path(H.save_dir)
+    elif H.restore == "latest":
+        run_dir = Path("weights") / H.hps
     elif H.restore:
         restore = Path(H.restore)
         run_dir = restore if restore.is_dir() else restore.parent
@@ -95,59 +108,109 @@ def sample_grid(model: VAE, class_names: list[str], n_per_class: int, temperatur
     return images.cpu(), labels.cpu()
 
 
-def train_step(H: Hyperparams, model: VAE, ema: VAE, optimizer, scheduler, images, labels) -> dict:
-    """One update on the negative ELBO (nats/dim); skipped when the loss or gradient is not finite or
-    the gradient norm exceeds ``skip_threshold``. The schedule and the EMA advance either way, as in
-    openai/vdvae."""
-    out = model(images, labels)
-    optimizer.zero_grad(set_to_none=True)
-    out["loss_nats"].backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), H.grad_clip or math.inf)
-    # one device-to-host transfer for every figure the skip decision and the log need
-    grad_norm, loss, recon, kl = torch.stack([grad_norm, out["loss"], out["recon"], out["kl"]]).tolist()
-    finite = math.isfinite(loss) and math.isfinite(grad_norm)
-    skip = not finite or (H.skip_threshold > 0 and grad_norm >= H.skip_threshold)
-    if not skip:
-        optimizer.step()
-    scheduler.step()
-    ema_update(ema, model, H.ema_rate)
-    return {"skipped": int(skip), "loss": loss, "recon": recon, "kl": kl, "grad_norm": grad_norm}
+class Trainer:
+    """What one run updates: the model, its EMA copy, AdamW and its schedule, under the run's precision,
+    memory format and compilation settings. ``step`` is one update."""
+
+    def __init__(self, H: Hyperparams, device: torch.device, fused: bool | None = None):
+        self.H, self.device = H, device
+        if device.type == "cuda":  # TF32 for what stays fp32; fixed shapes let cuDNN pick its fastest kernels
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
+        self.amp_dtype = resolve_precision(H.precision, device)
+        self.channels_last = resolve_channels_last(H.channels_last, device)
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.model = VAE(H).to(device, memory_format=memory_format)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        # the compiled wrapper only runs the forward pass; checkpoints hold self.model's plain weights
+        self.forward = torch.compile(self.model) if H.compile else self.model
+        # fused AdamW can skip an update on the device (found_inf), so a step needs no host round trip;
+        # ``fused=False`` (bench/throughput.py's baseline) keeps the foreach implementation
+        self.fused = device.type in ("cuda", "cpu") if fused is None else fused
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=H.lr, weight_decay=H.wd,
+                                           betas=(H.adam_beta1, H.adam_beta2), fused=self.fused or None)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(H, step))
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
+
+    def settings(self) -> str:
+        precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + scaler"}
+        return (f"precision {precision[self.amp_dtype]}, channels_last {self.channels_last}, "
+                f"compile {self.H.compile}, grad_checkpoint {self.H.grad_checkpoint}, fused AdamW {self.fused}")
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One update on the negative ELBO (nats/dim), skipped when the loss or gradient is not finite or the
+        gradient norm reaches ``skip_threshold``; the schedule and the EMA advance either way, as in
+        openai/vdvae. Returns device tensors: skipped (bool) and (loss, recon, kl in bits/dim, grad norm)."""
+        H = self.H
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.amp_dtype):
+            out = self.forward(images, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(out["loss_nats"]).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            out["loss_nats"].backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), H.grad_clip or math.inf)
+        skip = ~(torch.isfinite(out["loss"]) & torch.isfinite(grad_norm))
+        if H.skip_threshold > 0:
+            skip = skip | (grad_norm >= H.skip_threshold)
+        self._update(skip)
+        self.scheduler.step()
+        ema_update(self.ema, self.model, H.ema_rate)
+        return skip, torch.stack([out["loss"], out["recon"], out["kl"], grad_norm]).detach().float()
+
+    def _update(self, skip: torch.Tensor) -> None:
+        if self.scaler is not None:  # fp16: the scaler also skips overflowing steps and adapts its scale
+            if not skip.item():
+                self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif self.fused:
+            self.optimizer.found_inf = skip.float()  # 1 leaves weights, moments and step count untouched
+            self.optimizer.step()
+        elif not skip.item():
+            self.optimizer.step()
 
 
 class Window:
-    """Running means of the training figures between two log lines (skipped updates left out)."""
+    """Running means of the training figures between two log lines (skipped updates left out), kept on
+    the device so that only a log line waits for it."""
 
     KEYS = ("loss", "recon", "kl", "grad_norm")
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
+        self.device = device
         self.reset()
 
     def reset(self) -> None:
-        self.sums = dict.fromkeys(self.KEYS, 0.0)
-        self.n, self.steps, self.t0 = 0, 0, time.perf_counter()
+        self.sums = torch.zeros(len(self.KEYS), device=self.device)
+        self.kept = torch.zeros((), device=self.device)
+        self.steps, self.t0 = 0, time.perf_counter()
 
-    def add(self, stats: dict) -> None:
+    def add(self, skip: torch.Tensor, stats: torch.Tensor) -> None:
         self.steps += 1
-        if not stats["skipped"]:
-            self.n += 1
-            for key in self.KEYS:
-                self.sums[key] += stats[key]
+        self.sums += torch.where(skip, 0.0, stats)
+        self.kept += (~skip).float()
 
     def summary(self, batch_size: int) -> dict:
         elapsed = time.perf_counter() - self.t0
-        out = {k: v / max(1, self.n) for k, v in self.sums.items()}
+        *sums, kept = torch.cat([self.sums, self.kept[None]]).tolist()
+        out = {k: v / max(1.0, kept) for k, v in zip(self.KEYS, sums)}
         out["img_per_s"] = round(self.steps * batch_size / elapsed, 2) if elapsed > 0 else 0.0
         self.reset()
         return out
 
 
-def checkpoint_dict(H: Hyperparams, model, ema, optimizer, scheduler, state: dict, class_names) -> dict:
+def checkpoint_dict(H: Hyperparams, trainer: Trainer, state: dict, class_names) -> dict:
     return {
         "format": CHECKPOINT_FORMAT,
-        "model": model.state_dict(),
-        "ema": ema.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
+        "model": trainer.model.state_dict(),
+        "ema": trainer.ema.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": trainer.scheduler.state_dict(),
+        "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
         "step": state["step"],
         "epoch": state["epoch"],
         "batch_in_epoch": state["batch_in_epoch"],
@@ -159,23 +222,58 @@ def checkpoint_dict(H: Hyperparams, model, ema, optimizer, scheduler, state: dic
     }
 
 
-def restore_run(path: str, H: Hyperparams, model, ema, optimizer, scheduler, state: dict) -> None:
-    """Load weights, EMA, optimiser, schedule, counters and RNG state from a checkpoint of the same model."""
-    ckpt = load_checkpoint(path)
+def checkpoint_to_resume(H: Hyperparams, run_dir: Path, warn) -> tuple[Path, dict] | None:
+    """What ``--restore`` names: a file (exactly that one), or a folder or ``latest`` (the folder's newest
+    checkpoint that loads, falling back past damaged ones; ``latest`` in a folder without any: a fresh run)."""
+    if not H.restore:
+        return None
+    if H.restore != "latest" and not Path(H.restore).is_dir():
+        return Path(H.restore), load_checkpoint(H.restore)
+    folder = run_dir if H.restore == "latest" else Path(H.restore)
+    found = load_newest_checkpoint(folder, warn)
+    if found is None and H.restore != "latest":
+        raise UserError(f"run folder {folder} holds no checkpoint (use --restore latest to start one there)")
+    return found
+
+
+def restore_run(path: Path, ckpt: dict, H: Hyperparams, trainer: Trainer, state: dict) -> None:
+    """Load weights, EMA, optimiser, schedule, scaler, counters and RNG state from a checkpoint of the same
+    model."""
     saved = ckpt["hps"]
     differ = [f"{k} ({saved.get(k)!r} there, {getattr(H, k)!r} here)" for k in ARCHITECTURE_FIELDS
               if saved.get(k) != getattr(H, k)]
     if differ:
         raise UserError(f"cannot resume {path}: the model differs in {'; '.join(differ)}")
-    model.load_state_dict(ckpt["model"])
-    ema.load_state_dict(ckpt["ema"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
+    trainer.model.load_state_dict(ckpt["model"])
+    trainer.ema.load_state_dict(ckpt["ema"])
+    trainer.optimizer.load_state_dict(ckpt["optimizer"])
+    trainer.scheduler.load_state_dict(ckpt["scheduler"])
+    if trainer.scaler is not None and ckpt.get("scaler"):
+        trainer.scaler.load_state_dict(ckpt["scaler"])
     state.update(step=ckpt["step"], epoch=ckpt["epoch"], batch_in_epoch=ckpt["batch_in_epoch"],
                  skipped=ckpt["skipped_updates"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     if torch.cuda.is_available() and ckpt["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+
+
+class StopSignal:
+    """SIGINT or SIGTERM (a cluster's notice of pre-emption) asks the loop to save and exit after the current
+    step; the handler is then taken away, so a second signal stops the process at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+        signal.signal(signum, signal.SIG_DFL)
+
+    def close(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 def main(argv: list[str]) -> None:
@@ -192,26 +290,32 @@ def main(argv: list[str]) -> None:
     conditional = H.n_classes > 0
 
     # ---- model, EMA, optimiser ----------------------------------------------------------------
-    model = VAE(H).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=H.lr, weight_decay=H.wd,
-                                  betas=(H.adam_beta1, H.adam_beta2))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(H, step))
+    trainer = Trainer(H, device)
+    model, ema = trainer.model, trainer.ema
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped": 0}
-    if H.restore:
-        restore_run(H.restore, H, model, ema, optimizer, scheduler, state)
+    resume = checkpoint_to_resume(H, run_dir, log.info)
+    if resume is not None:
+        restore_run(*resume, H, trainer, state)
+        log.info(f"resumed from {resume[0]} at step {state['step']}")
+    elif H.restore == "latest":
+        log.info(f"--restore latest: no checkpoint in {run_dir} yet, starting a fresh run")
 
     n_params = count_parameters(model)
     log.info(f"run folder {run_dir} | device {device} | dataset {H.dataset}: {len(data.train)} train, "
              f"{len(data.valid)} valid, {len(data.test)} test, {len(data.class_names)} classes")
     log.info(f"model parameters: {n_params:,} ({n_params}) | conditional: {conditional}")
+    log.info(f"speed settings: {trainer.settings()}")
     log.info("hyperparameters: " + ", ".join(f"{k}={v}" for k, v in H.to_dict().items()))
     log.metrics("config", n_params=n_params, hps=H.to_dict(), class_names=data.class_names,
                 resumed_from_step=state["step"])
 
-    def save(tag: str = "latest") -> None:
-        ckpt = checkpoint_dict(H, model, ema, optimizer, scheduler, state, data.class_names)
-        atomic_torch_save(ckpt, run_dir / f"{tag}.pt")
+    def save() -> Path:
+        state["skipped"] = int(skipped)
+        latest = run_dir / "latest.pt"
+        atomic_torch_save(checkpoint_dict(H, trainer, state, data.class_names), latest, keep_previous=True)
+        if H.keep_every and state["step"] % H.keep_every == 0:
+            keep_copy(latest, state["step"], H.keep_last)
+        return latest
 
     def run_eval(split_name: str, split: Split) -> dict:
         result = evaluate_elbo(ema, split, H.n_batch_eval, device)
@@ -228,45 +332,72 @@ def main(argv: list[str]) -> None:
     total = min(H.max_steps or math.inf, H.num_epochs * steps_per_epoch)
     bar = tqdm(total=total, initial=state["step"], desc="train", dynamic_ncols=True, mininterval=1.0,
                file=sys.stderr)
-    window = Window()
+    window = Window(device)
+    skipped = torch.tensor(state["skipped"], device=device)  # read back only when logged or saved
+    skip_run = torch.zeros((), dtype=torch.long, device=device)  # updates skipped in a row, and the longest
+    longest_skip_run = torch.zeros((), dtype=torch.long, device=device)
+    check_every = min(H.log_every, H.skip_limit) if H.skip_limit else H.log_every
+    stop = StopSignal()
+    train_images = on_device_if_small(data.train, device)
     start_time = time.perf_counter()
     model.train()
-    while state["step"] < total:
-        batches = epoch_batches(data.train, H.n_batch, H.seed, state["epoch"], state["batch_in_epoch"])
-        for images, labels in batches:
-            images = random_shift(images.to(device), H.augment_shift)
-            stats = train_step(H, model, ema, optimizer, scheduler, images,
-                               labels.to(device) if conditional else None)
-            state["step"] += 1
-            state["batch_in_epoch"] += 1
-            state["skipped"] += stats["skipped"]
-            window.add(stats)
-            bar.update(1)
-            step = state["step"]
-            if step % H.log_every == 0 or step == total:
-                summary = window.summary(H.n_batch)
-                bar.set_postfix(bpd=f"{summary['loss']:.3f}", gnorm=f"{summary['grad_norm']:.1f}",
-                                skipped=state["skipped"], img_s=f"{summary['img_per_s']:.0f}")
-                log.metrics("train", step=step, epoch=state["epoch"], lr=scheduler.get_last_lr()[0],
-                            skipped_updates=state["skipped"], **summary)
-            if H.eval_every and step % H.eval_every == 0 and step < total:
-                run_eval("valid", data.valid)
-            if step % H.save_every == 0 and step < total:
-                save()
-            if step >= total:
-                break
-        else:  # the epoch ran out: the next one starts from its first batch
-            state["epoch"] += 1
-            state["batch_in_epoch"] = 0
-    bar.close()
+    try:
+        while state["step"] < total:
+            batches = epoch_batches(train_images, H.n_batch, H.seed, state["epoch"], state["batch_in_epoch"])
+            for images, labels in batches:
+                images = random_shift(images.to(device, non_blocking=True), H.augment_shift)
+                skip, stats = trainer.step(images, labels.to(device, non_blocking=True) if conditional else None)
+                state["step"] += 1
+                state["batch_in_epoch"] += 1
+                skipped += skip
+                skip_run = (skip_run + 1) * skip
+                longest_skip_run = torch.maximum(longest_skip_run, skip_run)
+                window.add(skip, stats)
+                bar.update(1)
+                step = state["step"]
+                if step % H.log_every == 0 or step == total:
+                    summary = window.summary(H.n_batch)
+                    state["skipped"] = int(skipped)
+                    bar.set_postfix(bpd=f"{summary['loss']:.3f}", gnorm=f"{summary['grad_norm']:.1f}",
+                                    skipped=state["skipped"], img_s=f"{summary['img_per_s']:.0f}")
+                    log.metrics("train", step=step, epoch=state["epoch"], lr=trainer.scheduler.get_last_lr()[0],
+                                skipped_updates=state["skipped"], **summary)
+                if H.skip_limit and step % check_every == 0 and longest_skip_run.item() >= H.skip_limit:
+                    path = save()  # skipped updates leave the weights alone: these are the last good ones
+                    raise UserError(f"stopped at step {step}: {H.skip_limit} updates in a row were skipped "
+                                    f"(non-finite loss or gradient, or gradient norm >= --skip_threshold); {path} "
+                                    f"holds the last good weights. Lower --lr, raise --skip_threshold or "
+                                    f"--skip_limit, or check the data")
+                if stop.received is not None:
+                    path = save()
+                    name = signal.Signals(stop.received).name
+                    log.info(f"{name} at step {step}: saved {path}; resume with --save_dir {run_dir} --restore latest")
+                    sys.exit(128 + stop.received)
+                if H.eval_every and step % H.eval_every == 0 and step < total:
+                    run_eval("valid", data.valid)
+                if step % H.save_every == 0 and step < total:
+                    save()
+                if step >= total:
+                    break
+            else:  # the epoch ran out: the next one starts from its first batch
+                state["epoch"] += 1
+                state["batch_in_epoch"] = 0
+    except BaseException:  # a stop (signal, too many skips) or a failure: the log is complete up to here
+        log.close()
+        raise
+    finally:
+        bar.close()
+        stop.close()
     train_seconds = time.perf_counter() - start_time
+    state["skipped"] = int(skipped)
 
     # ---- the end: checkpoint, held-out evaluation, samples ------------------------------------
     save()
     log.info(f"trained to step {state['step']} in {train_seconds:.0f} s ({state['skipped']} updates skipped); "
              f"checkpoint {run_dir / 'latest.pt'}")
     result = run_eval("test", data.test)
-    images, _ = sample_grid(ema, data.class_names, 10, H.temperature, device, seed=H.seed)
+    with autocast(device, trainer.amp_dtype):
+        images, _ = sample_grid(ema, data.class_names, 10, H.temperature, device, seed=H.seed)
     grid_path = run_dir / "samples.png"
     save_grid(images, grid_path, nrow=10)
     if Path("assets").is_dir() and not user_chose_folder:  # a default run from the repository: refresh

@@ -81,6 +81,33 @@ def pick_device(name: str):
     return device
 
 
+def resolve_precision(name: str, device):
+    """The autocast dtype ``--precision`` means on ``device`` (None: plain fp32).
+
+    ``auto`` is bf16 on GPUs that support it and fp16 (with a gradient scaler) on older ones; fp32 on the CPU,
+    where bf16 autocast is slower without bf16 hardware (see bench/throughput.py).
+    """
+    import torch
+
+    if name == "fp32" or (name == "auto" and device.type != "cuda"):
+        return None
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def resolve_channels_last(setting: str, device) -> bool:
+    """``auto`` is channels-last on CUDA (tensor-core convolutions want it) and off elsewhere."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+def autocast(device, dtype):
+    """Autocast to ``dtype`` on ``device``, or a no-op for None (fp32)."""
+    import torch
+
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
 @contextlib.contextmanager
 def seeded(device, seed: int):
     """Run the block with the global RNG seeded, then restore the caller's RNG state (so evaluation and
@@ -139,8 +166,9 @@ class RunLogger:
 # ---------------------------------------------------------------------------------------------
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+def atomic_torch_save(obj: Any, path: Path, keep_previous: bool = False) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``, so ``path`` is always a
+    complete file. With ``keep_previous`` the file it replaces survives as ``previous.pt`` beside it."""
     import torch
 
     path = Path(path)
@@ -150,18 +178,66 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        if keep_previous and path.exists():
+            os.replace(path, path.with_name("previous.pt"))
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make renames in ``folder`` durable (not every file system allows it)."""
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def keep_copy(latest: Path, step: int, keep_last: int) -> Path:
+    """Keep ``latest`` as ``step-N.pt`` (a hard link where possible: no second write), then delete all but the
+    newest ``keep_last`` of those (0: keep all)."""
+    import shutil
+
+    kept = latest.with_name(f"step-{step:08d}.pt")
+    tmp = kept.with_name(f".{kept.name}.tmp-{os.getpid()}")
+    try:
+        os.link(latest, tmp)
+    except OSError:
+        shutil.copyfile(latest, tmp)
+    os.replace(tmp, kept)
+    if keep_last > 0:
+        for old in sorted(latest.parent.glob("step-*.pt"))[:-keep_last]:
+            old.unlink()
+    _fsync_dir(latest.parent)
+    return kept
+
+
+def resume_candidates(run_dir: Path) -> list[Path]:
+    """A run folder's checkpoints, newest first: latest.pt, previous.pt, then step-N.pt from the highest N."""
+    run_dir = Path(run_dir)
+    named = [run_dir / "latest.pt", run_dir / "previous.pt"]
+    return [p for p in named if p.is_file()] + sorted(run_dir.glob("step-*.pt"), reverse=True)
+
+
+def load_newest_checkpoint(run_dir: Path, warn: Callable[[str], None]) -> tuple[Path, dict] | None:
+    """The newest checkpoint of ``run_dir`` that loads; a damaged one is skipped with a warning. None when the
+    folder holds no checkpoint at all; an error when it holds only damaged ones."""
+    candidates = resume_candidates(run_dir)
+    for i, path in enumerate(candidates):
+        try:
+            return path, load_checkpoint(path)
+        except UserError as err:
+            later = f"; trying {candidates[i + 1].name}" if i + 1 < len(candidates) else ""
+            warn(f"warning: {err}{later}")
+    if candidates:
+        raise UserError(f"no complete checkpoint in {run_dir}: all {len(candidates)} are damaged")
+    return None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from hps import Hyperparams
 from vae_helpers import (Block, dmol_log_prob, dmol_param_count, dmol_sample, draw_gaussian_diag_samples,
@@ -24,11 +25,36 @@ from vae_helpers import (Block, dmol_log_prob, dmol_param_count, dmol_sample, dr
                          parse_layer_string)
 
 
+# Under --grad_checkpoint blocks, runs of this many consecutive blocks are recomputed together: half the
+# stored block inputs of one-block checkpoints, for the activations of one more block while recomputing.
+CHECKPOINT_SEGMENT = 2
+
+
+def maybe_checkpointed(fn, enabled: bool, *args):
+    """``fn(*args)``; when ``enabled`` and gradients are on, its activations are recomputed in the backward
+    pass instead of stored (random draws repeat exactly: the RNG state is replayed)."""
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def group_blocks(starts_new: list[bool], size: int) -> list[list[int]]:
+    """Consecutive runs of at most ``size`` block indices; a True in ``starts_new`` forces a new run."""
+    segments: list[list[int]] = []
+    for i, new in enumerate(starts_new):
+        if new or not segments or len(segments[-1]) >= size:
+            segments.append([i])
+        else:
+            segments[-1].append(i)
+    return segments
+
+
 class Encoder(nn.Module):
     """Bottom-up residual network; returns its last activation at every resolution."""
 
     def __init__(self, H: Hyperparams):
         super().__init__()
+        self.checkpoint_blocks = H.grad_checkpoint == "blocks"
         self.widths = get_width_settings(H.width, H.custom_width_str)
         self.in_conv = get_conv(H.image_channels, H.width, 3)
         specs = parse_layer_string(H.enc_blocks)
@@ -40,17 +66,26 @@ class Encoder(nn.Module):
         for block in blocks:  # residual branches start small so deep stacks begin near identity
             block.c4.weight.data *= math.sqrt(1.0 / len(specs))
         self.enc_blocks = nn.ModuleList(blocks)
+        # a pooling block runs alone, so the last activation before it is recorded for its resolution
+        down = [d is not None for _, d in specs]
+        self.segments = group_blocks([d or (i > 0 and down[i - 1]) for i, d in enumerate(down)],
+                                     CHECKPOINT_SEGMENT if self.checkpoint_blocks else 1)
 
     def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
         x = self.in_conv(x)
         activations = {x.shape[2]: x}
-        for block in self.enc_blocks:
-            x = block(x)
-            res = x.shape[2]
-            if x.shape[1] < self.widths[res]:
-                x = F.pad(x, (0, 0, 0, 0, 0, self.widths[res] - x.shape[1]))
-            activations[res] = x
+        for segment in self.segments:
+            x = maybe_checkpointed(self._run_segment, self.checkpoint_blocks and self.training, segment, x)
+            activations[x.shape[2]] = x
         return activations
+
+    def _run_segment(self, segment: list[int], x: torch.Tensor) -> torch.Tensor:
+        for i in segment:
+            x = self.enc_blocks[i](x)
+            res = x.shape[2]
+            if x.shape[1] < self.widths[res]:  # custom widths: a narrower stage feeds a wider one
+                x = F.pad(x, (0, 0, 0, 0, 0, self.widths[res] - x.shape[1]))
+        return x
 
 
 class DecBlock(nn.Module):
@@ -87,7 +122,7 @@ class DecBlock(nn.Module):
         pm, plogs, xpp = feats[:, :self.zdim], feats[:, self.zdim:2 * self.zdim], feats[:, 2 * self.zdim:]
         stats = {}
         if acts is not None:
-            qm, qlogs = self.enc(torch.cat([x, acts], dim=1)).chunk(2, dim=1)
+            qm, qlogs = self.enc([x, acts]).chunk(2, dim=1)  # reads cat([x, acts]) without storing it
             z = draw_gaussian_diag_samples(qm, qlogs, noise)
             stats["kl"] = gaussian_analytical_kl(qm, pm, qlogs, plogs)
             if log_ratio:
@@ -130,9 +165,13 @@ class Decoder(nn.Module):
     def __init__(self, H: Hyperparams):
         super().__init__()
         self.image_size = H.image_size
+        self.checkpoint_blocks = H.grad_checkpoint == "blocks"
         self.widths = get_width_settings(H.width, H.custom_width_str)
         specs = parse_layer_string(H.dec_blocks)
         self.dec_blocks = nn.ModuleList(DecBlock(H, res, mixin, n_blocks=len(specs)) for res, mixin in specs)
+        # a run of blocks shares one resolution and only its first block mixes in a coarser state
+        starts = [m is not None or i == 0 or r != specs[i - 1][0] for i, (r, m) in enumerate(specs)]
+        self.segments = group_blocks(starts, CHECKPOINT_SEGMENT if self.checkpoint_blocks else 1)
         self.resolutions = sorted({res for res, _ in specs})
         self.bias_resolutions = [r for r in self.resolutions if r <= H.no_bias_above]
         self.bias_xs = nn.ParameterList(nn.Parameter(torch.zeros(1, self.widths[r], r, r))
@@ -179,21 +218,31 @@ class Decoder(nn.Module):
             raise ValueError(f"expected {self.n_groups} temperatures (one per latent group), got {len(temps)}")
         xs = self._initial_states(labels, batch)
         stats = []
-        for i, block in enumerate(self.dec_blocks):
-            res = block.base
+        for segment in self.segments:
+            first = self.dec_blocks[segment[0]]
+            res = first.base
             x = xs.get(res)
             if x is None:
                 x = torch.zeros(batch, self.widths[res], res, res, device=ref.device, dtype=ref.dtype)
-            if block.mixin is not None:
-                up = xs[block.mixin][:, :x.shape[1]]
-                x = x + F.interpolate(up, scale_factor=res // block.mixin)
-            acts = activations[res] if i < n_posterior else None
-            noise = noises[i] if noises is not None else None
-            x, block_stats = block(x, acts, temps[i], noise, log_ratio)
+            if first.mixin is not None:
+                up = xs[first.mixin][:, :x.shape[1]]
+                x = x + F.interpolate(up, scale_factor=res // first.mixin)
+            acts = activations[res] if activations is not None else None
+            x, segment_stats = maybe_checkpointed(self._run_segment, self.checkpoint_blocks and self.training,
+                                                  segment, x, acts, temps, noises, log_ratio, n_posterior)
             xs[res] = x
-            stats.append(block_stats)
+            stats += segment_stats
         out = xs[self.image_size]
         return out * self.gain + self.bias, stats
+
+    def _run_segment(self, segment: list[int], x: torch.Tensor, acts: torch.Tensor | None, temps: list[float],
+                     noises, log_ratio: bool, n_posterior: int) -> tuple[torch.Tensor, list[dict]]:
+        stats = []
+        for i in segment:
+            x, block_stats = self.dec_blocks[i](x, acts if i < n_posterior else None, temps[i],
+                                                noises[i] if noises is not None else None, log_ratio)
+            stats.append(block_stats)
+        return x, stats
 
 
 class VAE(nn.Module):
@@ -204,6 +253,9 @@ class VAE(nn.Module):
         self.H = H
         self.encoder = Encoder(H)
         self.decoder = Decoder(H)
+        for module in self.modules():
+            if isinstance(module, Block):
+                module.recompute_gelu = H.grad_checkpoint in ("gelu", "blocks")  # also inside a recomputed block
 
     # ---- data scaling -------------------------------------------------------------------------
     def preprocess(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -66,10 +66,54 @@ def get_conv(in_dim: int, out_dim: int, kernel_size: int, zero_weights: bool = F
     return conv
 
 
+class GeluConv(torch.autograd.Function):
+    """conv2d(gelu(cat(xs))) that keeps only the inputs ``xs`` for the backward pass.
+
+    Plain autograd would keep both gelu's input and its output (the conv's input); recomputing the cheap
+    GELU in the backward pass halves what a block holds, and taking the inputs as a list lets the posterior
+    network read [state, encoder activation] without storing their concatenation.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, bias: torch.Tensor, padding: int, *xs: torch.Tensor) -> torch.Tensor:
+        g = F.gelu(xs[0]) if len(xs) == 1 else torch.cat([F.gelu(x) for x in xs], dim=1)
+        out = F.conv2d(g, weight, bias, padding=padding)  # under autocast this runs in the autocast dtype
+        ctx.save_for_backward(weight, *xs)
+        ctx.padding = padding
+        ctx.compute_dtype = out.dtype
+        ctx.bias_dtype = bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        weight, *xs = ctx.saved_tensors
+        dtype = ctx.compute_dtype
+        g = torch.cat([F.gelu(x).to(dtype) for x in xs], dim=1)
+        grad_g, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_out.to(dtype), g, weight.to(dtype), [weight.shape[0]], [1, 1], [ctx.padding] * 2, [1, 1],
+            False, [0, 0], 1, [any(ctx.needs_input_grad[3:]), ctx.needs_input_grad[0], ctx.needs_input_grad[1]])
+        grad_xs = [None] * len(xs)
+        if grad_g is not None:
+            pieces = grad_g.split([x.shape[1] for x in xs], dim=1)
+            grad_xs = [torch.ops.aten.gelu_backward(p.to(x.dtype), x) for p, x in zip(pieces, xs)]
+        grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
+        grad_b = grad_b.to(ctx.bias_dtype) if grad_b is not None else None
+        return (grad_w, grad_b, None, *grad_xs)
+
+
+def gelu_conv(conv: nn.Conv2d, xs: list[torch.Tensor], recompute_gelu: bool) -> torch.Tensor:
+    """conv(gelu(cat(xs))); with ``recompute_gelu`` (while training) through the memory-saving GeluConv."""
+    if recompute_gelu and torch.is_grad_enabled():
+        return GeluConv.apply(conv.weight, conv.bias, conv.padding[0], *xs)
+    g = F.gelu(xs[0]) if len(xs) == 1 else torch.cat([F.gelu(x) for x in xs], dim=1)
+    return conv(g)
+
+
 class Block(nn.Module):
     """Bottleneck block: GELU then conv, four times (1x1, 3x3, 3x3, 1x1), optional residual and pooling.
 
-    The 3x3 convs become 1x1 at resolutions <= 2, where a 3x3 kernel would mostly see padding.
+    The 3x3 convs become 1x1 at resolutions <= 2, where a 3x3 kernel would mostly see padding. The input
+    may be a list of tensors, read as their concatenation along channels.
     """
 
     def __init__(self, in_width: int, middle_width: int, out_width: int, down_rate: int | None = None,
@@ -77,18 +121,19 @@ class Block(nn.Module):
         super().__init__()
         self.down_rate = down_rate
         self.residual = residual
+        self.recompute_gelu = False  # set by the model for --grad_checkpoint gelu
         k = 3 if use_3x3 else 1
         self.c1 = get_conv(in_width, middle_width, 1)
         self.c2 = get_conv(middle_width, middle_width, k)
         self.c3 = get_conv(middle_width, middle_width, k)
         self.c4 = get_conv(middle_width, out_width, 1, zero_weights=zero_last)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.c1(F.gelu(x))
-        h = self.c2(F.gelu(h))
-        h = self.c3(F.gelu(h))
-        h = self.c4(F.gelu(h))
-        out = x + h if self.residual else h
+    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        xs = x if isinstance(x, (list, tuple)) else [x]
+        h = xs
+        for conv in (self.c1, self.c2, self.c3, self.c4):
+            h = [gelu_conv(conv, h, self.recompute_gelu)]
+        out = xs[0] + h[0] if self.residual else h[0]
         if self.down_rate is not None:
             out = F.avg_pool2d(out, kernel_size=self.down_rate, stride=self.down_rate)
         return out
@@ -120,7 +165,8 @@ def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, logsigma: torch.Tensor)
 def draw_gaussian_diag_samples(mu: torch.Tensor, logsigma: torch.Tensor,
                                noise: torch.Tensor | None = None) -> torch.Tensor:
     """Reparameterised sample mu + sigma * eps; ``noise`` supplies eps when the caller fixes it."""
-    eps = torch.randn_like(mu) if noise is None else noise.to(mu.dtype)
+    # randn in the logical (contiguous) layout: the same seed gives the same draws in any memory format
+    eps = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype) if noise is None else noise.to(mu.dtype)
     return torch.exp(logsigma) * eps + mu
 
 

@@ -14,7 +14,7 @@ from conftest import ROOT, tiny_cli_args
 
 def run(script: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
-                          cwd=cwd or ROOT, timeout=600)
+                          cwd=cwd or ROOT, timeout=600, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -81,28 +81,87 @@ def test_restore_continues_the_run(trained_run, tmp_path):
     assert ckpt["step"] == 9
 
 
-@pytest.mark.parametrize("script,args,message", [
+BAD_INPUTS = [
+    # presets, fields, types and ranges
     ("train.py", ["--hps", "nope"], "valid presets: cifar10, digits"),
     ("train.py", ["--hps", "digits", "--widht", "3"], "did you mean --width"),
     ("train.py", ["--hps", "digits", "--n_batch", "0"], "--n_batch must be > 0"),
     ("train.py", ["--hps", "digits", "--lr", "-1"], "--lr must be > 0"),
     ("train.py", ["--hps", "digits", "--n_batch", "many"], "invalid int value"),
     ("train.py", ["--hps", "digits", "--n_classes", "7"], "must be 0 (unconditional) or 10"),
+    ("train.py", ["--hps", "digits", "--max_steps", "-1"], "--max_steps must be >= 0"),
+    ("train.py", ["--hps", "digits", "--ema_rate", "1.5"], "--ema_rate must be in [0, 1)"),
+    ("train.py", ["--hps", "digits", "--precision", "fp8"], "--precision must be one of auto, fp32, bf16, fp16"),
+    ("train.py", ["--hps", "digits", "--grad_checkpoint", "all"], "--grad_checkpoint must be one of"),
+    ("train.py", ["--hps", "digits", "--channels_last", "maybe"], "--channels_last must be one of"),
+    ("train.py", ["--hps", "digits", "--compile", "perhaps"], "expected true or false"),
+    ("train.py", ["--hps", "digits", "--enc_blocks", "8x2,8q2"], "--enc_blocks: bad block spec item"),
+    ("train.py", ["--hps", "digits", "--dec_blocks", "1x1,4m1,4x2"], "must end at the image size 8"),
+    ("train.py", ["--hps", "digits", "--pixel_levels", "1"], "--pixel_levels must be in 2..256"),
+    ("train.py", ["--hps", "digits", "--lr_decay", "linear"], "--lr_decay must be none or cosine"),
+    ("train.py", ["--hps", "digits", "--skip_limit", "-1"], "--skip_limit must be >= 0"),
+    ("train.py", ["--hps", "digits", "--n_batch", "5000"], "larger than the training set"),
+    ("train.py", ["--hps", "digits", "--device", "tpu"], "unknown device 'tpu'"),
+    # files: missing, damaged, foreign, another architecture, unwritable
     ("train.py", ["--hps", "digits", "--restore", "/nonexistent/x.pt"], "does not exist"),
+    ("train.py", ["--hps", "digits", "--restore", "CORRUPT"], "cannot read checkpoint"),
+    ("train.py", ["--hps", "digits", "--restore", "EMPTYDIR"], "holds no checkpoint"),
+    ("train.py", ["--hps", "digits", "--width", "32", "--restore", "RUN", "--save_dir", "OUTDIR"],
+     "the model differs in width (16 there, 32 here)"),
+    ("train.py", ["--hps", "digits", "--save_dir", "/proc/no/such/run"], "cannot create run folder"),
     ("sample.py", ["--weights", "/nonexistent/x.pt"], "does not exist"),
+    ("sample.py", ["--weights", "CORRUPT"], "cannot read checkpoint"),
+    ("sample.py", ["--weights", "FOREIGN"], "is not a checkpoint of this project"),
+    ("sample.py", ["--weights", "EMPTYDIR"], "holds no checkpoint"),
+    ("sample.py", ["--weights", "BADSAFETENSORS"], "cannot read"),
+    # what to sample and where to write it
     ("sample.py", ["--weights", "RUN", "--classes", "horse"], "unknown class 'horse'"),
     ("sample.py", ["--weights", "RUN", "--classes", "12"], "out of range"),
     ("sample.py", ["--weights", "RUN", "--temperature", "0"], "must be > 0"),
+    ("sample.py", ["--weights", "RUN", "--temperature", "warm"], "must be a number or a comma-separated list"),
+    ("sample.py", ["--weights", "RUN", "--temperature", "1,2"], "lists 2 values; this model has"),
+    ("sample.py", ["--weights", "RUN", "--n_per_class", "0"], "must be > 0"),
     ("sample.py", ["--weights", "RUN", "--out", "x.jpg"], "must end in .png or .npz"),
-])
-def test_bad_input_is_one_line_and_exit_2(trained_run, tmp_path, script, args, message):
+    ("sample.py", ["--weights", "RUN", "--out", "/proc/no/such/x.png"], "cannot write"),
+    ("sample.py", ["--weights", "RUN", "--device", "tpu"], "unknown device 'tpu'"),
+    ("sample.py", ["--weights", "RUN", "--precision", "fp64"], "invalid choice: 'fp64'"),
+    ("sample.py", ["--weights", "RUN", "--export", "model.bin"], "--export must end in .safetensors"),
+    ("sample.py", ["--weights", "RUN", "--seed", "x"], "invalid int value"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_files(trained_run, tmp_path_factory):
+    """Damaged and foreign weight files next to a good run."""
+    folder = tmp_path_factory.mktemp("bad")
     run_dir, _ = trained_run
-    args = [str(run_dir) if a == "RUN" else a for a in args]
+    (folder / "corrupt.pt").write_bytes((run_dir / "latest.pt").read_bytes()[:2000])
+    torch.save({"weights": torch.zeros(3)}, folder / "foreign.pt")
+    (folder / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    (folder / "empty").mkdir()
+    return {"RUN": str(run_dir), "CORRUPT": str(folder / "corrupt.pt"), "FOREIGN": str(folder / "foreign.pt"),
+            "BADSAFETENSORS": str(folder / "bad.safetensors"), "EMPTYDIR": str(folder / "empty")}
+
+
+def snapshot(folder) -> dict:
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("script,args,message", BAD_INPUTS)
+def test_bad_input_is_one_line_and_exit_2(trained_run, bad_files, tmp_path, script, args, message):
+    """Each bad invocation: exit status 2, one line on stderr naming the problem, no traceback, and the run
+    folder it pointed at unchanged."""
+    run_dir, _ = trained_run
+    names = dict(bad_files, OUTDIR=str(tmp_path / "out"))
+    args = [names.get(a, a) for a in args]
+    before = snapshot(run_dir)
     result = run(script, *args, cwd=tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+    assert snapshot(run_dir) == before
+    assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.npz"))
 
 
 def test_help_lists_every_field():

@@ -56,7 +56,7 @@ def test_every_hyperparameter_is_read(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     import train
 
-    args = tiny_cli_args(tmp_path / "run", augment_shift=1)
+    args = tiny_cli_args(tmp_path / "run", augment_shift=1, keep_every=3)
     train.main(args)
     # restore reads the restore field; the run folder default reads hps
     train.main(tiny_cli_args(tmp_path / "run", max_steps=7, restore=tmp_path / "run"))

@@ -1,0 +1,195 @@
+"""Training and sampling speed and peak memory of a preset, mode by mode (a benchmark: it prints figures).
+
+    python bench/throughput.py --hps cifar10 --n_batch 16                  # on a GPU: every mode
+    python bench/throughput.py --hps cifar10 --n_batch 8 --quick           # 2 CPU cores: under 10 minutes
+    python bench/throughput.py --hps digits --modes eager_fp32,default     # chosen modes only
+
+Each mode runs in a process of its own (so its peak memory is its own) on synthetic uint8 images with
+random labels, through the same ``Trainer.step`` that train.py runs: the median of the timed training
+steps after warm-up gives images/s, then ``sample`` batches of ``--n_batch_sample`` give sampling
+images/s. Peak memory (of training; then with sampling too) is CUDA's max allocated, or the process's peak
+RSS on the CPU. Modes:
+
+    eager_fp32        fp32, contiguous tensors, foreach AdamW, nothing recomputed: the reference's way
+    default           what train.py does on this device (--precision/--channels_last auto, gelu recompute)
+    fused_adamw       eager_fp32 with the fused AdamW
+    gelu_recompute    eager_fp32 recomputing the GELUs in the backward pass (less memory)
+    channels_last     eager_fp32 in the channels-last memory format
+    bf16 / fp16       eager_fp32 under autocast (fp16 with a gradient scaler; CUDA only)
+    compile           eager_fp32 with torch.compile (its first compile is not timed)
+    combined          every speed-up above that this device has, together
+    checkpoint_blocks default recomputing every block in the backward pass (least memory)
+
+Ends with one JSON line: device, hps, n_batch, every mode's train_img_s / sample_img_s / peak_mem_mb,
+the best (fastest-training) mode, and the speed-ups of that mode over eager_fp32.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hps import hparams_from_preset  # noqa: E402
+from train import Trainer  # noqa: E402
+from utils import UserError, autocast, pick_device, run_cli  # noqa: E402
+
+PLAIN = dict(precision="fp32", channels_last="off", compile=False, grad_checkpoint="none")
+# mode -> (hyperparameter overrides, fused AdamW or None for the Trainer's choice)
+MODES: dict[str, tuple[dict, bool | None]] = {
+    "eager_fp32": (PLAIN, False),
+    "default": ({}, None),
+    "fused_adamw": (PLAIN, True),
+    "gelu_recompute": (dict(PLAIN, grad_checkpoint="gelu"), False),
+    "channels_last": (dict(PLAIN, channels_last="on"), False),
+    "bf16": (dict(PLAIN, precision="bf16"), False),
+    "fp16": (dict(PLAIN, precision="fp16"), False),
+    "compile": (dict(PLAIN, compile=True), False),
+    "combined": (dict(precision="auto", channels_last="on", compile=True, grad_checkpoint="gelu"), True),
+    "checkpoint_blocks": (dict(grad_checkpoint="blocks"), None),
+}
+# --quick on the CPU (under 10 minutes for cifar10 at batch 8 on 2 cores): the baseline, the default and the
+# switches that run at CPU speed. Compiling the cifar10 model takes minutes there, and bf16 autocast on a CPU
+# without bf16 instructions had not finished 4 steps of it after 8 minutes.
+QUICK_ON_CPU = ("eager_fp32", "default", "gelu_recompute", "channels_last", "checkpoint_blocks")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_mode(mode: str, args) -> dict:
+    """Time one mode in this process: training steps, then sampling; returns its figures."""
+    device = pick_device(args.device)
+    overrides, fused = MODES[mode]
+    H = hparams_from_preset(args.hps, dict(overrides, n_batch=args.n_batch, max_steps=0, lr_decay="none"))
+    H.image_size, H.image_channels = args.image_size, args.image_channels
+    torch.manual_seed(0)
+    trainer = Trainer(H, device, fused=fused)
+    shape = (args.n_batch, H.image_channels, H.image_size, H.image_size)
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
+    labels = torch.randint(0, H.n_classes, (args.n_batch,), device=device) if H.n_classes else None
+
+    times = []
+    for i in range(args.warmup + args.steps):
+        synchronize(device)
+        t0 = time.perf_counter()
+        skip, stats = trainer.step(images, labels)
+        stats.tolist()  # wait for the step, as a log line would
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    loss = stats[0].item()
+    train_peak = peak_memory_mb(device)
+
+    model = trainer.ema
+    sample_labels = (torch.randint(0, H.n_classes, (args.n_batch_sample,), device=device) if H.n_classes
+                     else None)
+    sample_times = []
+    for i in range(1 + args.sample_reps):
+        synchronize(device)
+        t0 = time.perf_counter()
+        with autocast(device, trainer.amp_dtype):
+            model.sample(args.n_batch_sample, sample_labels).cpu()
+        if i >= 1:
+            sample_times.append(time.perf_counter() - t0)
+    return {"train_img_s": round(args.n_batch / statistics.median(times), 3),
+            "sample_img_s": round(args.n_batch_sample / statistics.median(sample_times), 3),
+            "peak_mem_mb": round(train_peak, 1), "peak_mem_with_sampling_mb": round(peak_memory_mb(device), 1),
+            "step_s": round(statistics.median(times), 4), "last_loss": round(loss, 4),
+            "settings": trainer.settings()}
+
+
+def modes_to_run(args, device: torch.device) -> list[str]:
+    if args.modes:
+        names = [m.strip() for m in args.modes.split(",") if m.strip()]
+        unknown = [m for m in names if m not in MODES]
+        if unknown:
+            raise UserError(f"unknown mode {unknown[0]!r}; valid: {', '.join(MODES)}")
+        return names
+    names = [m for m in MODES if m != "fp16" or device.type == "cuda"]  # fp16 autocast is for older GPUs
+    if args.quick and device.type == "cpu":
+        names = [m for m in names if m in QUICK_ON_CPU]
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hps", default="cifar10", help="preset whose architecture is measured")
+    p.add_argument("--n_batch", type=int, default=16, help="training images per step")
+    p.add_argument("--n_batch_sample", type=int, default=16, help="images per sampling batch")
+    p.add_argument("--image_size", type=int, default=None, help="image size (default: the preset's dataset)")
+    p.add_argument("--image_channels", type=int, default=None, help="channels (default: the preset's dataset)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--steps", type=int, default=20, help="timed training steps per mode (median reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed training steps first")
+    p.add_argument("--sample_reps", type=int, default=5, help="timed sampling batches per mode")
+    p.add_argument("--quick", action="store_true", help="3 timed steps and 2 sampling batches per mode; "
+                   "on the CPU only the modes in QUICK_ON_CPU")
+    p.add_argument("--modes", default="", help=f"comma-separated subset of: {', '.join(MODES)}")
+    p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: measure this one mode
+    return p
+
+
+PRESET_IMAGE = {"cifar10": (32, 3), "digits": (8, 1)}
+
+
+def main(argv: list[str]) -> None:
+    args = build_parser().parse_args(argv)
+    if args.quick:
+        args.steps, args.warmup, args.sample_reps = 3, 1, 2
+    if min(args.n_batch, args.n_batch_sample, args.steps, args.sample_reps) <= 0 or args.warmup < 0:
+        raise UserError("--n_batch, --n_batch_sample, --steps and --sample_reps must be > 0")
+    H = hparams_from_preset(args.hps)
+    size, channels = PRESET_IMAGE.get(H.dataset, (None, None))
+    args.image_size = args.image_size or size
+    args.image_channels = args.image_channels or channels
+    if args.worker:
+        print(json.dumps(measure_mode(args.worker, args)))
+        return
+
+    device = pick_device(args.device)
+    results = {}
+    for mode in modes_to_run(args, device):
+        cmd = [sys.executable, __file__, *argv, "--worker", mode]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), check=False)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            print(f"{mode:18s} failed: {last}", flush=True)
+            results[mode] = {"error": last}
+            continue
+        results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+        r = results[mode]
+        print(f"{mode:18s} train {r['train_img_s']:9.2f} img/s  sample {r['sample_img_s']:9.2f} img/s  "
+              f"peak {r['peak_mem_mb']:9.1f} MB  loss {r['last_loss']:.3f}  ({r['settings']})", flush=True)
+
+    ok = {m: r for m, r in results.items() if "error" not in r}
+    best = max(ok, key=lambda m: ok[m]["train_img_s"]) if ok else None
+    base = ok.get("eager_fp32")
+    summary = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "hps": args.hps, "n_batch": args.n_batch, "n_batch_sample": args.n_batch_sample,
+        "modes": results, "best_mode": best, "best": ok.get(best),
+        "speedup_train": round(ok[best]["train_img_s"] / base["train_img_s"], 3) if best and base else None,
+        "speedup_sample": round(ok[best]["sample_img_s"] / base["sample_img_s"], 3) if best and base else None,
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,129 @@
+"""The speed switches change how the maths runs, never what it computes: recomputation, memory format,
+autocast, the device-side skip and torch.compile, all on the CPU."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, tiny_cli_args, tiny_hps
+from train import Trainer
+from vae import VAE
+
+
+def _loss_and_grads(**overrides):
+    # runs of several blocks at one resolution, so recomputed segments span more than one block
+    h = tiny_hps(enc_blocks="8x3,8d2,4x2,4d4,1x2", dec_blocks="1x2,4m1,4x3,8m4,8x3", **overrides)
+    torch.manual_seed(1)
+    model = VAE(h)
+    with torch.no_grad():  # move the zero-initialised heads off zero so every path carries gradient
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    if overrides.get("channels_last") == "on":
+        model = model.to(memory_format=torch.channels_last)
+    images = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(6) % 10
+    torch.manual_seed(2)
+    out = model(images, labels)
+    out["loss_nats"].backward()
+    return out["loss_nats"].detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("mode", ["gelu", "blocks"])
+def test_recomputation_gives_the_same_loss_and_gradients(mode):
+    loss, grads = _loss_and_grads(grad_checkpoint="none")
+    loss_r, grads_r = _loss_and_grads(grad_checkpoint=mode)
+    assert grads.abs().max() > 0
+    torch.testing.assert_close(loss_r, loss)
+    torch.testing.assert_close(grads_r, grads, rtol=1e-5, atol=1e-7)
+
+
+def test_channels_last_gives_the_same_loss_and_gradients():
+    loss, grads = _loss_and_grads(grad_checkpoint="none")
+    loss_cl, grads_cl = _loss_and_grads(grad_checkpoint="gelu", channels_last="on")
+    torch.testing.assert_close(loss_cl, loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads_cl, grads, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_autocast_keeps_likelihood_and_kl_in_fp32_and_close():
+    h = tiny_hps()
+    torch.manual_seed(0)
+    model = VAE(h)
+    images = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8)
+    labels = torch.arange(8)
+    torch.manual_seed(3)
+    ref = model(images, labels)
+    torch.manual_seed(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images, labels)
+    assert out["loss"].dtype == torch.float32 and out["kl_groups"].dtype == torch.float32
+    assert abs(out["loss"].item() / ref["loss"].item() - 1) < 0.01
+
+
+def _trainer(**overrides) -> Trainer:
+    torch.manual_seed(0)
+    return Trainer(tiny_hps(**overrides), torch.device("cpu"))
+
+
+def _batch():
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8, generator=gen), torch.arange(8) % 10
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_a_step_learns_and_a_bad_step_is_skipped_on_the_device(precision):
+    trainer = _trainer(precision=precision, skip_threshold=1e6, ema_rate=0.5, warmup_iters=0)
+    images, labels = _batch()
+    skip, stats = trainer.step(images, labels)
+    assert not skip.item() and torch.isfinite(stats).all()
+    assert trainer.optimizer.state_dict()["state"][0]["step"].item() == 1
+
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    ema_before = [p.detach().clone() for p in trainer.ema.parameters()]
+    trainer.H.skip_threshold = 1e-9  # every gradient norm now reaches the threshold
+    skip, _ = trainer.step(images, labels)
+    assert skip.item()
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    assert trainer.optimizer.state_dict()["state"][0]["step"].item() == 1  # Adam's clock did not move
+    assert any(not torch.equal(a, b) for a, b in zip(ema_before, trainer.ema.parameters()))  # EMA advances
+
+
+def test_non_finite_loss_is_skipped():
+    trainer = _trainer()
+    images, labels = _batch()
+    with torch.no_grad():
+        trainer.model.decoder.gain.fill_(float("nan"))
+    state = [p.detach().clone() for p in trainer.model.parameters()]
+    skip, stats = trainer.step(images, labels)
+    assert skip.item() and not torch.isfinite(stats[0])
+    for a, b in zip(state, trainer.model.parameters()):
+        assert torch.equal(a.nan_to_num(), b.detach().nan_to_num())
+
+
+def test_compiled_training_saves_plain_weights(tmp_path):
+    """torch.compile through inductor's C++ back end on the CPU; the checkpoint has no compiled prefixes."""
+    import train
+
+    run = tmp_path / "run"
+    train.main(tiny_cli_args(run, max_steps=2, eval_every=0, compile="true", enc_blocks="8x1,8d8,1x1",
+                             dec_blocks="1x1,8m1"))
+    ckpt = torch.load(run / "latest.pt", weights_only=True)
+    assert ckpt["hps"]["compile"] is True and ckpt["step"] == 2
+    assert not any("_orig_mod" in key for key in ckpt["model"])
+    model = VAE(tiny_hps(enc_blocks="8x1,8d8,1x1", dec_blocks="1x1,8m1"))
+    model.load_state_dict(ckpt["model"])
+
+
+def test_throughput_bench_prints_every_mode_and_a_json_line():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--hps", "digits", "--n_batch", "8",
+                           "--quick", "--modes", "eager_fp32,default,checkpoint_blocks"],
+                          capture_output=True, text=True, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(summary["modes"]) == {"eager_fp32", "default", "checkpoint_blocks"}
+    for figures in summary["modes"].values():
+        assert figures["train_img_s"] > 0 and figures["sample_img_s"] > 0 and figures["peak_mem_mb"] > 0
+    assert summary["best_mode"] in summary["modes"] and summary["speedup_train"] > 0
