@@ -151,14 +151,19 @@ def load_digits() -> Data:
 # ---------------------------------------------------------------------------------------------
 
 
-def epoch_batches(split: Split, batch_size: int, seed: int, epoch: int,
-                  start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def epoch_batches(split: Split, batch_size: int, seed: int, epoch: int, start: int = 0, rank: int = 0,
+                  world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Shuffled full batches of one epoch; the order depends only on (seed, epoch), so a resumed run
-    can skip the ``start`` batches it has already seen and continue with exactly the same data."""
+    can skip the ``start`` batches it has already seen and continue with exactly the same data.
+
+    With ``world`` processes, global batch i is order[i*B:(i+1)*B] with B = batch_size * world, and ``rank``
+    takes its ``rank``-th slice: together the ranks see exactly what one process with batch B would."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(len(split), generator=gen)
-    for i in range(start, len(split) // batch_size):
-        idx = order[i * batch_size:(i + 1) * batch_size].to(split.images.device)
+    global_batch = batch_size * world
+    for i in range(start, len(split) // global_batch):
+        first = i * global_batch + rank * batch_size
+        idx = order[first:first + batch_size].to(split.images.device)
         yield split.images[idx], split.labels[idx]
 
 

@@ -20,29 +20,36 @@ import numpy as np
 import torch
 
 from data import Split, eval_batches, load_data
-from utils import UserError, checkpoint_script_parser, pick_device, resolve_checkpoint, run_cli, seeded
+from utils import Dist, UserError, checkpoint_script_parser, pick_device, resolve_checkpoint, run_cli, seeded
 
 
 @torch.no_grad()
-def evaluate_elbo(model, split: Split, batch_size: int, device: torch.device, seed: int = 0) -> dict:
+def evaluate_elbo(model, split: Split, batch_size: int, device: torch.device, seed: int = 0,
+                  dist: Dist | None = None) -> dict:
     """Mean negative ELBO over ``split`` (bits/dim): total, reconstruction, KL, KL per latent group, and
-    the per-image values. Noise comes from a fixed seed; the caller's RNG state is untouched."""
+    the per-image values (in one process). Batch b's noise comes from seed + b, so ranks that share the
+    batches (b % world == rank) and sum their results get exactly the single-process figures; the caller's
+    RNG state is untouched."""
+    dist = dist or Dist()
     was_training = model.training
     model.eval()
     conditional = model.H.n_classes > 0
-    per_image, recon, kl, kl_groups = [], 0.0, 0.0, 0.0
-    with seeded(device, seed):
-        for images, labels in eval_batches(split, batch_size):
+    per_image, sums = [], torch.zeros(4 + model.decoder.n_groups, dtype=torch.float64, device=device)
+    for b, (images, labels) in enumerate(eval_batches(split, batch_size)):
+        if b % dist.world != dist.rank:
+            continue
+        with seeded(device, seed + b):
             out = model(images.to(device), labels.to(device) if conditional else None)
-            per_image.append(out["loss_per_image"].double().cpu())
-            recon += out["recon"].item() * len(labels)
-            kl += out["kl"].item() * len(labels)
-            kl_groups = kl_groups + out["kl_groups"].double().cpu() * len(labels)
+        n = len(labels)
+        per_image.append(out["loss_per_image"].double().cpu())
+        sums += torch.cat([torch.stack([out["loss_per_image"].double().sum(), out["recon"].double() * n,
+                                        out["kl"].double() * n, torch.tensor(n, dtype=torch.float64, device=device)]),
+                           out["kl_groups"].double() * n])
     model.train(was_training)
-    per_image = torch.cat(per_image)
-    n = len(split)
-    return {"loss": per_image.mean().item(), "recon": recon / n, "kl": kl / n,
-            "kl_groups": [float(v) for v in kl_groups / n], "per_image": per_image}
+    loss, recon, kl, count, *groups = dist.all_reduce(sums).tolist()
+    return {"loss": loss / count, "recon": recon / count, "kl": kl / count,
+            "kl_groups": [g / count for g in groups],
+            "per_image": torch.cat(per_image) if dist.world == 1 else None}
 
 
 @torch.no_grad()

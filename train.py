@@ -26,9 +26,11 @@ from tqdm import tqdm
 from data import Data, Split, epoch_batches, load_data, random_shift
 from hps import Hyperparams, parse_args
 from evaluate import evaluate_elbo
-from utils import (CHECKPOINT_FORMAT, RunLogger, UserError, atomic_torch_save, autocast, keep_copy, load_checkpoint,
-                   load_newest_checkpoint, pick_device, resolve_channels_last, resolve_precision, run_cli, save_grid,
-                   seeded)
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from utils import (CHECKPOINT_FORMAT, Dist, NullLogger, RunLogger, UserError, atomic_torch_save, autocast,
+                   init_distributed, keep_copy, load_checkpoint, load_newest_checkpoint, resolve_channels_last,
+                   resolve_precision, run_cli, save_grid, seeded)
 from vae import VAE, count_parameters
 from vae_helpers import parse_layer_string
 
@@ -112,8 +114,8 @@ class Trainer:
     """What one run updates: the model, its EMA copy, AdamW and its schedule, under the run's precision,
     memory format and compilation settings. ``step`` is one update."""
 
-    def __init__(self, H: Hyperparams, device: torch.device, fused: bool | None = None):
-        self.H, self.device = H, device
+    def __init__(self, H: Hyperparams, device: torch.device, fused: bool | None = None, dist: Dist | None = None):
+        self.H, self.device, self.dist = H, device, dist or Dist()
         if device.type == "cuda":  # TF32 for what stays fp32; fixed shapes let cuDNN pick its fastest kernels
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -123,8 +125,11 @@ class Trainer:
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model = VAE(H).to(device, memory_format=memory_format)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
-        # the compiled wrapper only runs the forward pass; checkpoints hold self.model's plain weights
-        self.forward = torch.compile(self.model) if H.compile else self.model
+        # DDP and the compiled wrapper only run the forward pass; checkpoints hold self.model's plain weights
+        wrapped = self.model
+        if self.dist.world > 1:  # gradients are averaged over ranks in the backward pass
+            wrapped = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.forward = torch.compile(wrapped) if H.compile else wrapped
         # fused AdamW can skip an update on the device (found_inf), so a step needs no host round trip;
         # ``fused=False`` (bench/throughput.py's baseline) keeps the foreach implementation
         self.fused = device.type in ("cuda", "cpu") if fused is None else fused
@@ -154,7 +159,9 @@ class Trainer:
         else:
             out["loss_nats"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), H.grad_clip or math.inf)
-        skip = ~(torch.isfinite(out["loss"]) & torch.isfinite(grad_norm))
+        # every rank takes the same decision: the averaged gradient is the same everywhere, the losses are not
+        bad_loss = self.dist.all_reduce((~torch.isfinite(out["loss"])).float(), op="max") > 0
+        skip = bad_loss | ~torch.isfinite(grad_norm)
         if H.skip_threshold > 0:
             skip = skip | (grad_norm >= H.skip_threshold)
         self._update(skip)
@@ -180,8 +187,8 @@ class Window:
 
     KEYS = ("loss", "recon", "kl", "grad_norm")
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, dist: Dist | None = None):
+        self.device, self.dist = device, dist or Dist()
         self.reset()
 
     def reset(self) -> None:
@@ -196,9 +203,9 @@ class Window:
 
     def summary(self, batch_size: int) -> dict:
         elapsed = time.perf_counter() - self.t0
-        *sums, kept = torch.cat([self.sums, self.kept[None]]).tolist()
+        *sums, kept = self.dist.all_reduce(torch.cat([self.sums, self.kept[None]])).tolist()  # over all ranks
         out = {k: v / max(1.0, kept) for k, v in zip(self.KEYS, sums)}
-        out["img_per_s"] = round(self.steps * batch_size / elapsed, 2) if elapsed > 0 else 0.0
+        out["img_per_s"] = round(self.steps * batch_size * self.dist.world / elapsed, 2) if elapsed > 0 else 0.0
         self.reset()
         return out
 
@@ -279,28 +286,33 @@ class StopSignal:
 def main(argv: list[str]) -> None:
     # ---- settings, data, run folder -----------------------------------------------------------
     H, _ = parse_args(argv, __doc__)
-    device = pick_device(H.device)
+    dist, device = init_distributed(H.device)  # torchrun: one process per device; else one process
     torch.manual_seed(H.seed)
     np.random.seed(H.seed)
     data = load_data(H.dataset, H.data_root)
     derive_from_data(H, data)
     user_chose_folder = bool(H.save_dir or H.restore)
-    run_dir = make_run_dir(H)
-    log = RunLogger(run_dir, echo=tqdm.write)
+    run_dir = Path(dist.broadcast(str(make_run_dir(H)) if dist.main else None))  # rank 0 picks, all agree
+    H.save_dir = str(run_dir)
+    log = RunLogger(run_dir, echo=tqdm.write) if dist.main else NullLogger()  # rank 0 alone writes
     conditional = H.n_classes > 0
 
     # ---- model, EMA, optimiser ----------------------------------------------------------------
-    trainer = Trainer(H, device)
+    trainer = Trainer(H, device, dist=dist)
     model, ema = trainer.model, trainer.ema
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped": 0}
     resume = checkpoint_to_resume(H, run_dir, log.info)
     if resume is not None:
         restore_run(*resume, H, trainer, state)
+        # batch_in_epoch counts global batches: rescale when the number of processes changed
+        saved_global = resume[1].get("global_batch", H.n_batch)
+        state["batch_in_epoch"] = state["batch_in_epoch"] * saved_global // (H.n_batch * dist.world)
         log.info(f"resumed from {resume[0]} at step {state['step']}")
     elif H.restore == "latest":
         log.info(f"--restore latest: no checkpoint in {run_dir} yet, starting a fresh run")
 
     n_params = count_parameters(model)
+    log.info(f"processes {dist.world} | global batch {H.n_batch * dist.world} ({H.n_batch} per process)")
     log.info(f"run folder {run_dir} | device {device} | dataset {H.dataset}: {len(data.train)} train, "
              f"{len(data.valid)} valid, {len(data.test)} test, {len(data.class_names)} classes")
     log.info(f"model parameters: {n_params:,} ({n_params}) | conditional: {conditional}")
@@ -312,13 +324,16 @@ def main(argv: list[str]) -> None:
     def save() -> Path:
         state["skipped"] = int(skipped)
         latest = run_dir / "latest.pt"
-        atomic_torch_save(checkpoint_dict(H, trainer, state, data.class_names), latest, keep_previous=True)
-        if H.keep_every and state["step"] % H.keep_every == 0:
-            keep_copy(latest, state["step"], H.keep_last)
+        if dist.main:
+            ckpt = checkpoint_dict(H, trainer, state, data.class_names)
+            ckpt["global_batch"] = H.n_batch * dist.world
+            atomic_torch_save(ckpt, latest, keep_previous=True)
+            if H.keep_every and state["step"] % H.keep_every == 0:
+                keep_copy(latest, state["step"], H.keep_last)
         return latest
 
     def run_eval(split_name: str, split: Split) -> dict:
-        result = evaluate_elbo(ema, split, H.n_batch_eval, device)
+        result = evaluate_elbo(ema, split, H.n_batch_eval, device, dist=dist)
         result.pop("per_image")
         log.info(f"step {state['step']} | {split_name} bits/dim (EMA) {result['loss']:.4f} "
                  f"= recon {result['recon']:.4f} + kl {result['kl']:.4f}")
@@ -326,13 +341,14 @@ def main(argv: list[str]) -> None:
         return result
 
     # ---- the loop -----------------------------------------------------------------------------
-    steps_per_epoch = len(data.train) // H.n_batch
+    steps_per_epoch = len(data.train) // (H.n_batch * dist.world)
     if steps_per_epoch == 0:
-        raise UserError(f"--n_batch {H.n_batch} is larger than the training set ({len(data.train)} images)")
+        raise UserError(f"--n_batch {H.n_batch} x {dist.world} processes is larger than the training set "
+                        f"({len(data.train)} images)")
     total = min(H.max_steps or math.inf, H.num_epochs * steps_per_epoch)
     bar = tqdm(total=total, initial=state["step"], desc="train", dynamic_ncols=True, mininterval=1.0,
-               file=sys.stderr)
-    window = Window(device)
+               file=sys.stderr, disable=not dist.main)
+    window = Window(device, dist)
     skipped = torch.tensor(state["skipped"], device=device)  # read back only when logged or saved
     skip_run = torch.zeros((), dtype=torch.long, device=device)  # updates skipped in a row, and the longest
     longest_skip_run = torch.zeros((), dtype=torch.long, device=device)
@@ -343,7 +359,8 @@ def main(argv: list[str]) -> None:
     model.train()
     try:
         while state["step"] < total:
-            batches = epoch_batches(train_images, H.n_batch, H.seed, state["epoch"], state["batch_in_epoch"])
+            batches = epoch_batches(train_images, H.n_batch, H.seed, state["epoch"], state["batch_in_epoch"],
+                                    dist.rank, dist.world)
             for images, labels in batches:
                 images = random_shift(images.to(device, non_blocking=True), H.augment_shift)
                 skip, stats = trainer.step(images, labels.to(device, non_blocking=True) if conditional else None)
@@ -368,7 +385,9 @@ def main(argv: list[str]) -> None:
                                     f"(non-finite loss or gradient, or gradient norm >= --skip_threshold); {path} "
                                     f"holds the last good weights. Lower --lr, raise --skip_threshold or "
                                     f"--skip_limit, or check the data")
-                if stop.received is not None:
+                if step % check_every == 0 and dist.world > 1:  # a signal stops every rank at the same step
+                    stop.received = int(dist.all_reduce(torch.tensor(stop.received or 0, device=device), op="max")) or None
+                if stop.received is not None and (dist.world == 1 or step % check_every == 0):
                     path = save()
                     name = signal.Signals(stop.received).name
                     log.info(f"{name} at step {step}: saved {path}; resume with --save_dir {run_dir} --restore latest")
@@ -396,6 +415,10 @@ def main(argv: list[str]) -> None:
     log.info(f"trained to step {state['step']} in {train_seconds:.0f} s ({state['skipped']} updates skipped); "
              f"checkpoint {run_dir / 'latest.pt'}")
     result = run_eval("test", data.test)
+    if dist.world > 1:
+        torch.distributed.destroy_process_group()
+    if not dist.main:
+        return
     with autocast(device, trainer.amp_dtype):
         images, _ = sample_grid(ema, data.class_names, 10, H.temperature, device, seed=H.seed)
     grid_path = run_dir / "samples.png"

@@ -108,6 +108,56 @@ def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
+class Dist:
+    """Where this process stands in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0):
+        self.rank, self.world, self.local_rank = rank, world, local_rank
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def broadcast(self, value):
+        """Rank 0's ``value`` on every rank (any picklable object)."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            box = [value]
+            dist.broadcast_object_list(box, src=0)
+            value = box[0]
+        return value
+
+    def all_reduce(self, tensor, op: str = "sum"):
+        """In-place sum or max over ranks (a no-op in one process)."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return tensor
+
+
+def init_distributed(device_name: str):
+    """torchrun's environment -> (Dist, device): NCCL with one GPU per process, gloo on the CPU. Without
+    torchrun (WORLD_SIZE unset or 1): one process on ``pick_device(device_name)``."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(), pick_device(device_name)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+    if device_name not in ("auto", "cuda", "cpu"):
+        raise UserError(f"under torchrun --device must be auto, cuda or cpu (one GPU per process), got {device_name!r}")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank, world, local_rank), device
+
+
 @contextlib.contextmanager
 def seeded(device, seed: int):
     """Run the block with the global RNG seeded, then restore the caller's RNG state (so evaluation and
@@ -135,6 +185,19 @@ def save_grid(images, path, nrow: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # Logging: a human log and JSON lines side by side in the run folder
 # ---------------------------------------------------------------------------------------------
+
+
+class NullLogger:
+    """What ranks other than 0 log: nothing."""
+
+    def info(self, message: str) -> None:
+        pass
+
+    def metrics(self, kind: str, **values: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class RunLogger:
