@@ -172,13 +172,17 @@ def eval_batches(split: Split, batch_size: int) -> Iterator[tuple[torch.Tensor, 
         yield split.images[i:i + batch_size], split.labels[i:i + batch_size]
 
 
-def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Translate each image by up to ``max_shift`` pixels in x and y, filling with zeros (black)."""
+def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator | None = None,
+                 shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """Translate each image by up to ``max_shift`` pixels in x and y, filling with zeros (black). With
+    ``shard = (rank, world)`` the offsets are this rank's slice of those of the global batch."""
     if max_shift <= 0:
         return images
     n, c, h, w = images.shape
     padded = torch.nn.functional.pad(images, (max_shift,) * 4)
-    offsets = torch.randint(0, 2 * max_shift + 1, (n, 2), generator=generator, device=images.device)
+    rank, world = shard
+    offsets = torch.randint(0, 2 * max_shift + 1, (n * world, 2), generator=generator,
+                            device=images.device)[rank * n:(rank + 1) * n]
     rows = (offsets[:, 0, None] + torch.arange(h, device=images.device))[:, None, :, None]
     cols = (offsets[:, 1, None] + torch.arange(w, device=images.device))[:, None, None, :]
     batch_idx = torch.arange(n, device=images.device)[:, None, None, None]

@@ -128,6 +128,8 @@ class Trainer:
         # DDP and the compiled wrapper only run the forward pass; checkpoints hold self.model's plain weights
         wrapped = self.model
         if self.dist.world > 1:  # gradients are averaged over ranks in the backward pass
+            for block in self.model.decoder.dec_blocks:  # posterior noise: this rank's slice of the global draw
+                block.noise_shard = (self.dist.rank, self.dist.world)
             wrapped = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.forward = torch.compile(wrapped) if H.compile else wrapped
         # fused AdamW can skip an update on the device (found_inf), so a step needs no host round trip;
@@ -362,7 +364,8 @@ def main(argv: list[str]) -> None:
             batches = epoch_batches(train_images, H.n_batch, H.seed, state["epoch"], state["batch_in_epoch"],
                                     dist.rank, dist.world)
             for images, labels in batches:
-                images = random_shift(images.to(device, non_blocking=True), H.augment_shift)
+                images = random_shift(images.to(device, non_blocking=True), H.augment_shift,
+                                      shard=(dist.rank, dist.world))
                 skip, stats = trainer.step(images, labels.to(device, non_blocking=True) if conditional else None)
                 state["step"] += 1
                 state["batch_in_epoch"] += 1
@@ -385,7 +388,7 @@ def main(argv: list[str]) -> None:
                                     f"(non-finite loss or gradient, or gradient norm >= --skip_threshold); {path} "
                                     f"holds the last good weights. Lower --lr, raise --skip_threshold or "
                                     f"--skip_limit, or check the data")
-                if step % check_every == 0 and dist.world > 1:  # a signal stops every rank at the same step
+                if step % check_every == 0 and dist.world > 1:  # a signal stops all ranks at the same step
                     stop.received = int(dist.all_reduce(torch.tensor(stop.received or 0, device=device), op="max")) or None
                 if stop.received is not None and (dist.world == 1 or step % check_every == 0):
                     path = save()

@@ -110,6 +110,7 @@ class DecBlock(nn.Module):
         self.z_proj.weight.data *= math.sqrt(1.0 / n_blocks)
         self.resnet = Block(width, cond_width, width, residual=True, use_3x3=use_3x3)
         self.resnet.c4.weight.data *= math.sqrt(1.0 / n_blocks)
+        self.noise_shard = (0, 1)  # (rank, world) while training under DDP: see draw_gaussian_diag_samples
 
     def forward(self, x: torch.Tensor, acts: torch.Tensor | None, temperature: float = 1.0,
                 noise: torch.Tensor | None = None, log_ratio: bool = False) -> tuple[torch.Tensor, dict]:
@@ -123,7 +124,7 @@ class DecBlock(nn.Module):
         stats = {}
         if acts is not None:
             qm, qlogs = self.enc([x, acts]).chunk(2, dim=1)  # reads cat([x, acts]) without storing it
-            z = draw_gaussian_diag_samples(qm, qlogs, noise)
+            z = draw_gaussian_diag_samples(qm, qlogs, noise, self.noise_shard)
             stats["kl"] = gaussian_analytical_kl(qm, pm, qlogs, plogs)
             if log_ratio:
                 stats["log_ratio"] = gaussian_log_prob(z, qm, qlogs) - gaussian_log_prob(z, pm, plogs)

@@ -162,11 +162,19 @@ def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, logsigma: torch.Tensor)
     return -0.5 * math.log(2 * math.pi) - logsigma - 0.5 * ((z - mu) * torch.exp(-logsigma)) ** 2
 
 
-def draw_gaussian_diag_samples(mu: torch.Tensor, logsigma: torch.Tensor,
-                               noise: torch.Tensor | None = None) -> torch.Tensor:
-    """Reparameterised sample mu + sigma * eps; ``noise`` supplies eps when the caller fixes it."""
-    # randn in the logical (contiguous) layout: the same seed gives the same draws in any memory format
-    eps = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype) if noise is None else noise.to(mu.dtype)
+def draw_gaussian_diag_samples(mu: torch.Tensor, logsigma: torch.Tensor, noise: torch.Tensor | None = None,
+                               shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """Reparameterised sample mu + sigma * eps; ``noise`` supplies eps when the caller fixes it.
+
+    With ``shard = (rank, world)`` the batch is one rank's slice of a global batch: eps is drawn for the whole
+    global batch (same seed on every rank) and sliced, so the ranks together draw what one process would."""
+    if noise is None:
+        rank, world = shard
+        b = mu.shape[0]
+        # randn in the logical (contiguous) layout: the same seed gives the same draws in any memory format
+        eps = torch.randn((b * world, *mu.shape[1:]), device=mu.device, dtype=mu.dtype)[rank * b:(rank + 1) * b]
+    else:
+        eps = noise.to(mu.dtype)
     return torch.exp(logsigma) * eps + mu
 
 
