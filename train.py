@@ -214,6 +214,7 @@ class Window:
 
 def checkpoint_dict(H: Hyperparams, trainer: Trainer, state: dict, class_names) -> dict:
     return {
+        "global_batch": H.n_batch * trainer.dist.world,  # what batch_in_epoch counts, for a resume at another size
         "format": CHECKPOINT_FORMAT,
         "model": trainer.model.state_dict(),
         "ema": trainer.ema.state_dict(),
@@ -327,9 +328,7 @@ def main(argv: list[str]) -> None:
         state["skipped"] = int(skipped)
         latest = run_dir / "latest.pt"
         if dist.main:
-            ckpt = checkpoint_dict(H, trainer, state, data.class_names)
-            ckpt["global_batch"] = H.n_batch * dist.world
-            atomic_torch_save(ckpt, latest, keep_previous=True)
+            atomic_torch_save(checkpoint_dict(H, trainer, state, data.class_names), latest, keep_previous=True)
             if H.keep_every and state["step"] % H.keep_every == 0:
                 keep_copy(latest, state["step"], H.keep_last)
         return latest
@@ -389,7 +388,8 @@ def main(argv: list[str]) -> None:
                                     f"holds the last good weights. Lower --lr, raise --skip_threshold or "
                                     f"--skip_limit, or check the data")
                 if step % check_every == 0 and dist.world > 1:  # a signal stops all ranks at the same step
-                    stop.received = int(dist.all_reduce(torch.tensor(stop.received or 0, device=device), op="max")) or None
+                    flag = torch.tensor(stop.received or 0, device=device)
+                    stop.received = int(dist.all_reduce(flag, op="max")) or None
                 if stop.received is not None and (dist.world == 1 or step % check_every == 0):
                     path = save()
                     name = signal.Signals(stop.received).name

@@ -1,6 +1,7 @@
 """Shared fixtures: the repository on sys.path, and tiny settings that train in seconds on a CPU."""
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -31,6 +32,12 @@ def tiny_cli_args(save_dir, **overrides) -> list[str]:
     for key, value in values.items():
         args += [f"--{key}", str(value)]
     return args
+
+
+def run(script: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
+    """Run one of the repository's scripts as a user would, capturing its output."""
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, timeout=600, check=False)
 
 
 @pytest.fixture

@@ -2,19 +2,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, tiny_cli_args
-
-
-def run(script: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
-                          cwd=cwd or ROOT, timeout=600, check=False)
+from conftest import run, tiny_cli_args
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, tiny_cli_args
+from conftest import ROOT, run, tiny_cli_args
 from utils import CHECKPOINT_FORMAT, UserError, load_newest_checkpoint, resume_candidates
-
-
-def run(script: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
-                          cwd=cwd or ROOT, timeout=600, check=False)
 
 
 def start(script: str, *args: str) -> subprocess.Popen:
