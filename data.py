@@ -152,18 +152,20 @@ def load_digits() -> Data:
 
 
 def epoch_batches(split: Split, batch_size: int, seed: int, epoch: int, start: int = 0, rank: int = 0,
-                  world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  world: int = 1, accum: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Shuffled full batches of one epoch; the order depends only on (seed, epoch), so a resumed run
     can skip the ``start`` batches it has already seen and continue with exactly the same data.
 
-    With ``world`` processes, global batch i is order[i*B:(i+1)*B] with B = batch_size * world, and ``rank``
-    takes its ``rank``-th slice: together the ranks see exactly what one process with batch B would."""
+    A global batch (B = batch_size * world * accum images) is cut into world * accum shards of batch_size;
+    shard s = k * world + rank is what ``rank`` feeds its k-th accumulation pass. Each yield is this rank's
+    ``accum`` shards in order (accum * batch_size images): together the ranks and passes see exactly what one
+    process with batch B would."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(len(split), generator=gen)
-    global_batch = batch_size * world
+    global_batch = batch_size * world * accum
     for i in range(start, len(split) // global_batch):
-        first = i * global_batch + rank * batch_size
-        idx = order[first:first + batch_size].to(split.images.device)
+        shards = order[i * global_batch:(i + 1) * global_batch].view(accum, world, batch_size)
+        idx = shards[:, rank].reshape(-1).to(split.images.device)
         yield split.images[idx], split.labels[idx]
 
 
@@ -175,14 +177,15 @@ def eval_batches(split: Split, batch_size: int) -> Iterator[tuple[torch.Tensor, 
 def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator | None = None,
                  shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """Translate each image by up to ``max_shift`` pixels in x and y, filling with zeros (black). With
-    ``shard = (rank, world)`` the offsets are this rank's slice of those of the global batch."""
+    ``shard = (index, count)`` the offsets are slice ``index`` of those drawn for ``count`` such batches (one
+    global batch cut into shards: see epoch_batches)."""
     if max_shift <= 0:
         return images
     n, c, h, w = images.shape
     padded = torch.nn.functional.pad(images, (max_shift,) * 4)
-    rank, world = shard
-    offsets = torch.randint(0, 2 * max_shift + 1, (n * world, 2), generator=generator,
-                            device=images.device)[rank * n:(rank + 1) * n]
+    index, count = shard
+    offsets = torch.randint(0, 2 * max_shift + 1, (n * count, 2), generator=generator,
+                            device=images.device)[index * n:(index + 1) * n]
     rows = (offsets[:, 0, None] + torch.arange(h, device=images.device))[:, None, :, None]
     cols = (offsets[:, 1, None] + torch.arange(w, device=images.device))[:, None, None, :]
     batch_idx = torch.arange(n, device=images.device)[:, None, None, None]

@@ -51,7 +51,9 @@ class Hyperparams:
     grad_clip: float = _f(200.0, "clip the gradient norm (of the loss in nats/dim) to this")
     skip_threshold: float = _f(400.0, "skip updates whose gradient norm exceeds this (-1: never skip)")
     ema_rate: float = _f(0.9999, "exponential moving average rate of the weights used to evaluate and sample")
-    n_batch: int = _f(16, "training images per step (per device)")
+    n_batch: int = _f(16, "training images per forward pass (per device)")
+    grad_accum: int = _f(1, "forward/backward passes whose gradients are summed into one update (gradients are "
+                         "synced across devices only on the last): global batch = n_batch x devices x grad_accum")
     augment_shift: int = _f(0, "random translation by up to this many pixels as augmentation (0: none)")
     # speed and memory (``auto`` picks what measured fastest on the device; see README, Speed)
     precision: str = _f("auto", "autocast precision: auto (bf16 on GPUs that have it, else fp16 with a gradient "
@@ -184,7 +186,7 @@ def parse_args(argv: list[str] | None, description: str) -> tuple[Hyperparams, a
 
 def validate(h: Hyperparams) -> None:
     """Range checks that turn nonsense into a one-line error before any work starts."""
-    positive = ["width", "zdim", "num_mixtures", "n_batch", "n_batch_eval", "num_epochs", "log_every",
+    positive = ["width", "zdim", "num_mixtures", "n_batch", "grad_accum", "n_batch_eval", "num_epochs", "log_every",
                 "save_every", "lr", "temperature", "bottleneck_multiple"]
     for name in positive:
         if not getattr(h, name) > 0:

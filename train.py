@@ -11,6 +11,7 @@ skip_threshold keep their meaning); everything reported is in bits per dimension
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import shutil
@@ -126,11 +127,10 @@ class Trainer:
         self.model = VAE(H).to(device, memory_format=memory_format)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         # DDP and the compiled wrapper only run the forward pass; checkpoints hold self.model's plain weights
-        wrapped = self.model
+        self.ddp = None
         if self.dist.world > 1:  # gradients are averaged over ranks in the backward pass
-            for block in self.model.decoder.dec_blocks:  # posterior noise: this rank's slice of the global draw
-                block.noise_shard = (self.dist.rank, self.dist.world)
-            wrapped = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+            self.ddp = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        wrapped = self.ddp or self.model
         self.forward = torch.compile(wrapped) if H.compile else wrapped
         # fused AdamW can skip an update on the device (found_inf), so a step needs no host round trip;
         # ``fused=False`` (bench/throughput.py's baseline) keeps the foreach implementation
@@ -146,30 +146,47 @@ class Trainer:
                 f"compile {self.H.compile}, grad_checkpoint {self.H.grad_checkpoint}, fused AdamW {self.fused}")
 
     def step(self, images: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One update on the negative ELBO (nats/dim), skipped when the loss or gradient is not finite or the
-        gradient norm reaches ``skip_threshold``; the schedule and the EMA advance either way, as in
-        openai/vdvae. Returns device tensors: skipped (bool) and (loss, recon, kl in bits/dim, grad norm)."""
-        H = self.H
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(self.device, self.amp_dtype):
-            out = self.forward(images, labels)
+        """One update on the negative ELBO (nats/dim) from this rank's share of a global batch (``grad_accum``
+        passes of ``n_batch`` images, as epoch_batches yields it), skipped when a loss or the gradient is not
+        finite or the gradient norm reaches ``skip_threshold``; the schedule and the EMA advance either way, as
+        in openai/vdvae. Returns device tensors: skipped (bool) and (loss, recon, kl in bits/dim, grad norm)."""
+        H, accum = self.H, self.H.grad_accum
+        passes = zip(images.chunk(accum), labels.chunk(accum) if labels is not None else [None] * accum)
+        rng = rng_state(self.device) if accum > 1 else None
         self.optimizer.zero_grad(set_to_none=True)
+        stats = torch.zeros(3, device=self.device)
+        for k, (x, y) in enumerate(passes):
+            if k > 0:  # every pass draws the global batch's shifts and noise from the same state and takes its slice
+                set_rng_state(rng, self.device)
+            shard = (k * self.dist.world + self.dist.rank, accum * self.dist.world)
+            last = k == accum - 1
+            # gradients sum locally over the passes; DDP averages them over ranks in the last backward only
+            with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
+                out = self._forward(random_shift(x, H.augment_shift, shard=shard), y, shard)
+                loss = out["loss_nats"] / accum  # the mean over the global batch: equal-sized passes
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            stats += torch.stack([out["loss"], out["recon"], out["kl"]]).detach().float() / accum
         if self.scaler is not None:
-            self.scaler.scale(out["loss_nats"]).backward()
             self.scaler.unscale_(self.optimizer)
-        else:
-            out["loss_nats"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), H.grad_clip or math.inf)
         # every rank takes the same decision: the averaged gradient is the same everywhere, the losses are not
-        bad_loss = self.dist.all_reduce((~torch.isfinite(out["loss"])).float(), op="max") > 0
+        bad_loss = self.dist.all_reduce((~torch.isfinite(stats[0])).float(), op="max") > 0
         skip = bad_loss | ~torch.isfinite(grad_norm)
         if H.skip_threshold > 0:
             skip = skip | (grad_norm >= H.skip_threshold)
         self._update(skip)
         self.scheduler.step()
         ema_update(self.ema, self.model, H.ema_rate)
-        return skip, torch.stack([out["loss"], out["recon"], out["kl"], grad_norm]).detach().float()
+        return skip, torch.cat([stats, grad_norm.detach().float()[None]])
+
+    def _forward(self, images: torch.Tensor, labels: torch.Tensor | None, shard: tuple[int, int]) -> dict:
+        if shard[1] > 1:  # posterior noise: this pass's slice of the global batch's draw
+            for block in self.model.decoder.dec_blocks:
+                block.noise_shard = shard
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.amp_dtype):
+            return self.forward(images, labels)
 
     def _update(self, skip: torch.Tensor) -> None:
         if self.scaler is not None:  # fp16: the scaler also skips overflowing steps and adapts its scale
@@ -181,6 +198,23 @@ class Trainer:
             self.optimizer.step()
         elif not skip.item():
             self.optimizer.step()
+
+
+def rng_state(device: torch.device) -> tuple:
+    """The global RNG state of the CPU and of ``device`` (where the posterior noise is drawn)."""
+    if device.type == "cuda":
+        return torch.get_rng_state(), torch.cuda.get_rng_state(device)
+    if device.type == "mps":
+        return torch.get_rng_state(), torch.mps.get_rng_state()
+    return torch.get_rng_state(), None
+
+
+def set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state[1], device)
+    elif device.type == "mps":
+        torch.mps.set_rng_state(state[1])
 
 
 class Window:
@@ -203,18 +237,19 @@ class Window:
         self.sums += torch.where(skip, 0.0, stats)
         self.kept += (~skip).float()
 
-    def summary(self, batch_size: int) -> dict:
+    def summary(self, global_batch: int) -> dict:
         elapsed = time.perf_counter() - self.t0
         *sums, kept = self.dist.all_reduce(torch.cat([self.sums, self.kept[None]])).tolist()  # over all ranks
         out = {k: v / max(1.0, kept) for k, v in zip(self.KEYS, sums)}
-        out["img_per_s"] = round(self.steps * batch_size * self.dist.world / elapsed, 2) if elapsed > 0 else 0.0
+        out["img_per_s"] = round(self.steps * global_batch / elapsed, 2) if elapsed > 0 else 0.0
         self.reset()
         return out
 
 
 def checkpoint_dict(H: Hyperparams, trainer: Trainer, state: dict, class_names) -> dict:
     return {
-        "global_batch": H.n_batch * trainer.dist.world,  # what batch_in_epoch counts, for a resume at another size
+        # what batch_in_epoch counts, for a resume with another number of processes or passes
+        "global_batch": H.n_batch * trainer.dist.world * H.grad_accum,
         "format": CHECKPOINT_FORMAT,
         "model": trainer.model.state_dict(),
         "ema": trainer.ema.state_dict(),
@@ -302,6 +337,7 @@ def main(argv: list[str]) -> None:
 
     # ---- model, EMA, optimiser ----------------------------------------------------------------
     trainer = Trainer(H, device, dist=dist)
+    global_batch = H.n_batch * dist.world * H.grad_accum  # images per update
     model, ema = trainer.model, trainer.ema
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped": 0}
     resume = checkpoint_to_resume(H, run_dir, log.info)
@@ -309,13 +345,14 @@ def main(argv: list[str]) -> None:
         restore_run(*resume, H, trainer, state)
         # batch_in_epoch counts global batches: rescale when the number of processes changed
         saved_global = resume[1].get("global_batch", H.n_batch)
-        state["batch_in_epoch"] = state["batch_in_epoch"] * saved_global // (H.n_batch * dist.world)
+        state["batch_in_epoch"] = state["batch_in_epoch"] * saved_global // global_batch
         log.info(f"resumed from {resume[0]} at step {state['step']}")
     elif H.restore == "latest":
         log.info(f"--restore latest: no checkpoint in {run_dir} yet, starting a fresh run")
 
     n_params = count_parameters(model)
-    log.info(f"processes {dist.world} | global batch {H.n_batch * dist.world} ({H.n_batch} per process)")
+    log.info(f"processes {dist.world} | global batch {global_batch} (n_batch {H.n_batch} x {dist.world} processes x "
+             f"grad_accum {H.grad_accum})")
     log.info(f"run folder {run_dir} | device {device} | dataset {H.dataset}: {len(data.train)} train, "
              f"{len(data.valid)} valid, {len(data.test)} test, {len(data.class_names)} classes")
     log.info(f"model parameters: {n_params:,} ({n_params}) | conditional: {conditional}")
@@ -342,10 +379,10 @@ def main(argv: list[str]) -> None:
         return result
 
     # ---- the loop -----------------------------------------------------------------------------
-    steps_per_epoch = len(data.train) // (H.n_batch * dist.world)
+    steps_per_epoch = len(data.train) // global_batch
     if steps_per_epoch == 0:
-        raise UserError(f"--n_batch {H.n_batch} x {dist.world} processes is larger than the training set "
-                        f"({len(data.train)} images)")
+        raise UserError(f"the global batch (--n_batch {H.n_batch} x {dist.world} processes x --grad_accum "
+                        f"{H.grad_accum}) is larger than the training set ({len(data.train)} images)")
     total = min(H.max_steps or math.inf, H.num_epochs * steps_per_epoch)
     bar = tqdm(total=total, initial=state["step"], desc="train", dynamic_ncols=True, mininterval=1.0,
                file=sys.stderr, disable=not dist.main)
@@ -361,11 +398,10 @@ def main(argv: list[str]) -> None:
     try:
         while state["step"] < total:
             batches = epoch_batches(train_images, H.n_batch, H.seed, state["epoch"], state["batch_in_epoch"],
-                                    dist.rank, dist.world)
+                                    dist.rank, dist.world, H.grad_accum)
             for images, labels in batches:
-                images = random_shift(images.to(device, non_blocking=True), H.augment_shift,
-                                      shard=(dist.rank, dist.world))
-                skip, stats = trainer.step(images, labels.to(device, non_blocking=True) if conditional else None)
+                skip, stats = trainer.step(images.to(device, non_blocking=True),
+                                           labels.to(device, non_blocking=True) if conditional else None)
                 state["step"] += 1
                 state["batch_in_epoch"] += 1
                 skipped += skip
@@ -375,7 +411,7 @@ def main(argv: list[str]) -> None:
                 bar.update(1)
                 step = state["step"]
                 if step % H.log_every == 0 or step == total:
-                    summary = window.summary(H.n_batch)
+                    summary = window.summary(global_batch)
                     state["skipped"] = int(skipped)
                     bar.set_postfix(bpd=f"{summary['loss']:.3f}", gnorm=f"{summary['grad_norm']:.1f}",
                                     skipped=state["skipped"], img_s=f"{summary['img_per_s']:.0f}")

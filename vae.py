@@ -110,7 +110,7 @@ class DecBlock(nn.Module):
         self.z_proj.weight.data *= math.sqrt(1.0 / n_blocks)
         self.resnet = Block(width, cond_width, width, residual=True, use_3x3=use_3x3)
         self.resnet.c4.weight.data *= math.sqrt(1.0 / n_blocks)
-        self.noise_shard = (0, 1)  # (rank, world) while training under DDP: see draw_gaussian_diag_samples
+        self.noise_shard = (0, 1)  # (index, count): this pass's slice of a global batch; see draw_gaussian_diag_samples
 
     def forward(self, x: torch.Tensor, acts: torch.Tensor | None, temperature: float = 1.0,
                 noise: torch.Tensor | None = None, log_ratio: bool = False) -> tuple[torch.Tensor, dict]:

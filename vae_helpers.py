@@ -166,13 +166,14 @@ def draw_gaussian_diag_samples(mu: torch.Tensor, logsigma: torch.Tensor, noise: 
                                shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """Reparameterised sample mu + sigma * eps; ``noise`` supplies eps when the caller fixes it.
 
-    With ``shard = (rank, world)`` the batch is one rank's slice of a global batch: eps is drawn for the whole
-    global batch (same seed on every rank) and sliced, so the ranks together draw what one process would."""
+    With ``shard = (index, count)`` the batch is one slice of a global batch of ``count`` such slices (one per
+    rank and accumulation pass): eps is drawn for the whole global batch (same RNG state on every rank and pass)
+    and sliced, so the ranks and passes together draw what one process with the global batch would."""
     if noise is None:
-        rank, world = shard
+        index, count = shard
         b = mu.shape[0]
         # randn in the logical (contiguous) layout: the same seed gives the same draws in any memory format
-        eps = torch.randn((b * world, *mu.shape[1:]), device=mu.device, dtype=mu.dtype)[rank * b:(rank + 1) * b]
+        eps = torch.randn((b * count, *mu.shape[1:]), device=mu.device, dtype=mu.dtype)[index * b:(index + 1) * b]
     else:
         eps = noise.to(mu.dtype)
     return torch.exp(logsigma) * eps + mu

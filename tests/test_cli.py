@@ -79,6 +79,8 @@ BAD_INPUTS = [
     ("train.py", ["--hps", "nope"], "valid presets: cifar10, digits"),
     ("train.py", ["--hps", "digits", "--widht", "3"], "did you mean --width"),
     ("train.py", ["--hps", "digits", "--n_batch", "0"], "--n_batch must be > 0"),
+    ("train.py", ["--hps", "digits", "--grad_accum", "0"], "--grad_accum must be > 0"),
+    ("train.py", ["--hps", "digits", "--n_batch", "512", "--grad_accum", "4"], "global batch (--n_batch 512 x 1"),
     ("train.py", ["--hps", "digits", "--lr", "-1"], "--lr must be > 0"),
     ("train.py", ["--hps", "digits", "--n_batch", "many"], "invalid int value"),
     ("train.py", ["--hps", "digits", "--n_classes", "7"], "must be 0 (unconditional) or 10"),

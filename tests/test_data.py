@@ -89,6 +89,17 @@ def test_epoch_batches_depend_only_on_seed_and_epoch_and_resume_midway():
     assert not torch.equal(full[0][0], other[0])
 
 
+def test_ranks_and_accumulation_passes_split_each_global_batch_exactly():
+    data = load_digits()
+    whole = list(epoch_batches(data.train, 24, seed=3, epoch=0))
+    shares = [list(epoch_batches(data.train, 4, seed=3, epoch=0, rank=r, world=2, accum=3)) for r in range(2)]
+    assert len(shares[0]) == len(whole) == len(data.train) // 24
+    for i, (images, _) in enumerate(whole):
+        # pass k of rank r holds shard k * world + r of the global batch
+        passes = [shares[r][i][0].view(3, 4, *images.shape[1:])[k] for k in range(3) for r in range(2)]
+        assert torch.equal(torch.cat(passes), images)
+
+
 def test_random_shift_moves_content_without_changing_it():
     images = torch.zeros(50, 1, 8, 8, dtype=torch.uint8)
     images[:, :, 3:5, 3:5] = 200
