@@ -461,7 +461,7 @@ def main(argv: list[str]) -> None:
     with autocast(device, trainer.amp_dtype):
         images, _ = sample_grid(ema, data.class_names, 10, H.temperature, device, seed=H.seed)
     grid_path = run_dir / "samples.png"
-    save_grid(images, grid_path, nrow=10)
+    save_grid(images, grid_path, nrow=10, row_labels=data.class_names if conditional else None)
     if Path("assets").is_dir() and not user_chose_folder:  # a default run from the repository: refresh
         shutil.copyfile(grid_path, Path("assets") / f"{H.hps}_samples.png")  # the preset's README picture
     log.info(f"samples (a row per class, t={H.temperature}): {grid_path}")

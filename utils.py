@@ -41,8 +41,12 @@ class CliParser(argparse.ArgumentParser):
 
 
 def checkpoint_script_parser(description: str) -> CliParser:
-    """The flags every script that reads a checkpoint shares."""
-    p = CliParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """A parser with the flags every script that reads a checkpoint shares."""
+    return add_checkpoint_flags(CliParser(description=description,
+                                          formatter_class=argparse.RawDescriptionHelpFormatter))
+
+
+def add_checkpoint_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--weights", default="weights/weights.pt", help="checkpoint file or run folder")
     p.add_argument("--raw_weights", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--seed", type=int, default=0, help="random seed")
@@ -169,17 +173,53 @@ def seeded(device, seed: int):
         yield
 
 
-def save_grid(images, path, nrow: int) -> None:
-    """Save uint8 images (N, C, H, W) as a PNG grid, upscaled so small images (8x8 digits) stay visible."""
+def labelled_grid(images, nrow: int, row_labels: list[str] | None = None, col_labels: list[str] | None = None):
+    """uint8 images (N, C, H, W) as a PIL picture: a grid ``nrow`` images wide, upscaled so that small images
+    (8x8 digits) stay visible, with optional text left of each row and above each column."""
     import torch
-    from torchvision.utils import save_image
+    from PIL import Image, ImageDraw, ImageFont
+    from torchvision.utils import make_grid
 
     scale = max(1, 32 // images.shape[-1])
     x = images.float() / 255.0
     if scale > 1:
         x = torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest")
+    grid = make_grid(x, nrow=nrow, padding=2, pad_value=0.5)
+    picture = Image.fromarray(grid.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
+    if not row_labels and not col_labels:
+        return picture
+    font = ImageFont.load_default()
+    text_w = lambda t: font.getbbox(t)[2]  # noqa: E731
+    text_h = max(font.getbbox(t)[3] for t in [*(row_labels or []), *(col_labels or []), "Ag"])
+    left = max(map(text_w, row_labels)) + 8 if row_labels else 0
+    top = text_h + 6 if col_labels else 0
+    canvas = Image.new("RGB", (picture.width + left, picture.height + top), "white")
+    canvas.paste(picture, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    cell_h, cell_w = images.shape[-2] * scale + 2, images.shape[-1] * scale + 2
+    for r, text in enumerate(row_labels or []):
+        draw.text((left - 4 - text_w(text), top + 2 + r * cell_h + (cell_h - text_h) // 2), text, fill="black",
+                  font=font)
+    for c, text in enumerate(col_labels or []):
+        draw.text((left + 2 + c * cell_w + (cell_w - text_w(text)) // 2, 2), text, fill="black", font=font)
+    return canvas
+
+
+def save_grid(images, path, nrow: int, row_labels: list[str] | None = None,
+              col_labels: list[str] | None = None) -> None:
+    """Save uint8 images (N, C, H, W) as a PNG grid (see labelled_grid)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_image(x, str(path), nrow=nrow, padding=2, pad_value=0.5)
+    labelled_grid(images, nrow, row_labels, col_labels).save(path)
+
+
+def save_gif(frames: list, path, fps: float) -> None:
+    """Write PIL pictures as an animated GIF that loops forever."""
+    import imageio.v3 as iio
+    import numpy as np
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    iio.imwrite(path, np.stack([np.asarray(f.convert("RGB")) for f in frames]), extension=".gif",
+                duration=1000.0 / fps, loop=0)
 
 
 # ---------------------------------------------------------------------------------------------

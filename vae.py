@@ -113,15 +113,19 @@ class DecBlock(nn.Module):
         self.noise_shard = (0, 1)  # (index, count): this pass's slice of a global batch; see draw_gaussian_diag_samples
 
     def forward(self, x: torch.Tensor, acts: torch.Tensor | None, temperature: float = 1.0,
-                noise: torch.Tensor | None = None, log_ratio: bool = False) -> tuple[torch.Tensor, dict]:
+                noise: torch.Tensor | None = None, log_ratio: bool = False,
+                prior_noise: bool = False) -> tuple[torch.Tensor, dict]:
         """Draw z (posterior when ``acts`` is given, else prior at ``temperature``) and update the state.
 
         Returns the new state and stats: z, and for the posterior the KL map (nats, fp32) and, when
-        ``log_ratio``, log q(z|x) - log p(z) at the drawn z (for importance-weighted bounds).
+        ``log_ratio``, log q(z|x) - log p(z) at the drawn z (for importance-weighted bounds). With
+        ``prior_noise``, also ``eps`` = (z - prior mean) / prior sigma: the standard-normal noise from which
+        the prior, fed it as ``noise``, draws this same z.
         """
         feats = self.prior(x)
         pm, plogs, xpp = feats[:, :self.zdim], feats[:, self.zdim:2 * self.zdim], feats[:, 2 * self.zdim:]
         stats = {}
+        unit_plogs = plogs
         if acts is not None:
             qm, qlogs = self.enc([x, acts]).chunk(2, dim=1)  # reads cat([x, acts]) without storing it
             z = draw_gaussian_diag_samples(qm, qlogs, noise, self.noise_shard)
@@ -132,6 +136,8 @@ class DecBlock(nn.Module):
             if temperature != 1.0:  # a temperature t scales the prior's standard deviation by t
                 plogs = plogs + math.log(temperature)
             z = draw_gaussian_diag_samples(pm, plogs, noise)
+        if prior_noise:
+            stats["eps"] = ((z.float() - pm.float()) * torch.exp(-unit_plogs.float())).to(z.dtype)
         x = x + xpp
         x = x + self.z_proj(z)
         stats["z"] = z
@@ -188,12 +194,19 @@ class Decoder(nn.Module):
     def n_groups(self) -> int:
         return len(self.dec_blocks)
 
+    def latent_shapes(self) -> list[tuple[int, int, int]]:
+        """(channels, height, width) of each latent group, top (coarsest) first."""
+        return [(block.zdim, block.base, block.base) for block in self.dec_blocks]
+
     def _initial_states(self, labels: torch.Tensor | None, batch: int) -> dict[int, torch.Tensor]:
         xs = {r: b.expand(batch, -1, -1, -1) for r, b in zip(self.bias_resolutions, self.bias_xs)}
         if hasattr(self, "class_emb"):
             if labels is None:
                 raise ValueError("this model is class-conditional: pass labels")
-            emb = self.class_emb(labels)[:, :, None, None]
+            if labels.is_floating_point():  # (B, n_classes) weights: a mix of class embeddings
+                emb = (labels.to(self.class_emb.weight.dtype) @ self.class_emb.weight)[:, :, None, None]
+            else:
+                emb = self.class_emb(labels)[:, :, None, None]
             stem = xs.get(self.stem_res)
             xs[self.stem_res] = emb.expand(-1, -1, self.stem_res, self.stem_res) if stem is None else stem + emb
         return xs
@@ -202,12 +215,13 @@ class Decoder(nn.Module):
                 batch: int | None = None, n_posterior: int | None = None,
                 temperature: float | Sequence[float] = 1.0,
                 noises: Sequence[torch.Tensor | None] | None = None,
-                log_ratio: bool = False) -> tuple[torch.Tensor, list[dict]]:
+                log_ratio: bool = False, prior_noise: bool = False) -> tuple[torch.Tensor, list[dict]]:
         """Run the decoder top-down.
 
         Groups ``0..n_posterior-1`` draw from the posterior (all of them by default when ``activations`` is
         given), the rest from the prior at ``temperature`` (a float, or one per group). ``noises`` fixes the
-        standard-normal noise of chosen groups. Returns the output features and per-group stats.
+        standard-normal noise of chosen groups. ``labels`` are class indices (B,), or (B, n_classes) weights
+        that mix the class embeddings. Returns the output features and per-group stats (see DecBlock).
         """
         ref = self.gain  # device and dtype of zero initial states
         if batch is None:
@@ -230,18 +244,20 @@ class Decoder(nn.Module):
                 x = x + F.interpolate(up, scale_factor=res // first.mixin)
             acts = activations[res] if activations is not None else None
             x, segment_stats = maybe_checkpointed(self._run_segment, self.checkpoint_blocks and self.training,
-                                                  segment, x, acts, temps, noises, log_ratio, n_posterior)
+                                                  segment, x, acts, temps, noises, log_ratio, n_posterior,
+                                                  prior_noise)
             xs[res] = x
             stats += segment_stats
         out = xs[self.image_size]
         return out * self.gain + self.bias, stats
 
     def _run_segment(self, segment: list[int], x: torch.Tensor, acts: torch.Tensor | None, temps: list[float],
-                     noises, log_ratio: bool, n_posterior: int) -> tuple[torch.Tensor, list[dict]]:
+                     noises, log_ratio: bool, n_posterior: int,
+                     prior_noise: bool = False) -> tuple[torch.Tensor, list[dict]]:
         stats = []
         for i in segment:
             x, block_stats = self.dec_blocks[i](x, acts if i < n_posterior else None, temps[i],
-                                                noises[i] if noises is not None else None, log_ratio)
+                                                noises[i] if noises is not None else None, log_ratio, prior_noise)
             stats.append(block_stats)
         return x, stats
 
@@ -311,10 +327,29 @@ class VAE(nn.Module):
     # ---- generation ---------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, n: int, labels: torch.Tensor | None = None, temperature: float | Sequence[float] = 1.0,
-               noises: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
-        """``n`` images from the prior (for ``labels`` when conditional), as uint8 (n, C, H, W)."""
+               noises: Sequence[torch.Tensor | None] | None = None, shared_pixel_noise: bool = False) -> torch.Tensor:
+        """``n`` images from the prior (for ``labels`` when conditional), as uint8 (n, C, H, W). ``noises``
+        fixes the latent noise of chosen groups; ``shared_pixel_noise`` draws the pixels of every image with
+        the same uniforms (see dmol_sample)."""
         px_z, _ = self.decoder(None, labels, batch=n, temperature=temperature, noises=noises)
-        return self.levels_to_uint8(self.decoder.out_net.sample(px_z))
+        out = self.decoder.out_net
+        levels = dmol_sample(out(px_z), out.channels, out.levels, out.num_mixtures, shared_noise=shared_pixel_noise)
+        return self.levels_to_uint8(levels)
+
+    @torch.no_grad()
+    def prior_noise_of(self, images: torch.Tensor, labels: torch.Tensor | None = None,
+                       n_posterior: int | None = None) -> list[torch.Tensor]:
+        """The latent code of ``images`` as standard-normal noise for the prior: ``sample(n, labels,
+        noises=prior_noise_of(images, labels))`` decodes the posterior means of the top ``n_posterior`` groups
+        (all by default) exactly, and draws the groups below from the prior. Interpolating and swapping
+        classes act on this noise, because the prior of each group depends on the groups above it."""
+        enc_in, _ = self.preprocess(images)
+        n_posterior = self.decoder.n_groups if n_posterior is None else n_posterior
+        zeros = [torch.zeros((len(images), *shape), device=images.device) if i < n_posterior else None
+                 for i, shape in enumerate(self.decoder.latent_shapes())]  # zero noise: the posterior mean
+        _, stats = self.decoder(self.encoder(enc_in), labels, n_posterior=n_posterior, noises=zeros,
+                                prior_noise=True)
+        return [s["eps"] for s in stats]
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, labels: torch.Tensor | None = None, n_posterior: int | None = None,

@@ -258,22 +258,30 @@ def dmol_log_prob(params: torch.Tensor, x: torch.Tensor, levels: int, num_mixtur
 
 
 def dmol_sample(params: torch.Tensor, channels: int, levels: int, num_mixtures: int,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, shared_noise: bool = False) -> torch.Tensor:
     """Exact sample from the DMOL: integer levels 0..L-1 of shape (B, C, H, W).
 
     A mixture component is drawn per pixel, then each channel is drawn from its logistic and rounded to the
     nearest level (edge bins absorb the tails), conditioning later channels on the rounded values, which is
-    exactly the distribution ``dmol_log_prob`` scores.
+    exactly the distribution ``dmol_log_prob`` scores. ``shared_noise`` uses the same uniform draws for every
+    image of the batch (each still an exact sample), so that images differ only where their parameters do:
+    interpolations and latent explorations then change smoothly.
     """
     params = params.float()
     logits, means, log_scales, coeffs = _split_dmol_params(params, channels, num_mixtures)
     b, m, h, w = logits.shape
-    probs = torch.softmax(logits, dim=1).permute(0, 2, 3, 1).reshape(-1, m)
-    k = torch.multinomial(probs, 1, generator=generator).reshape(b, 1, 1, h, w)
+    probs = torch.softmax(logits, dim=1)
+    if shared_noise:  # inverse-CDF choice of the component from one uniform per pixel, shared by the batch
+        u_k = torch.rand((1, 1, h, w), generator=generator, device=probs.device)
+        k = (probs.cumsum(dim=1) < u_k).sum(dim=1).clamp(max=m - 1).reshape(b, 1, 1, h, w)
+    else:
+        probs = probs.permute(0, 2, 3, 1).reshape(-1, m)
+        k = torch.multinomial(probs, 1, generator=generator).reshape(b, 1, 1, h, w)
     pick = lambda t: t.gather(2, k.expand(b, t.shape[1], 1, h, w)).squeeze(2)  # noqa: E731
     mu, log_s = pick(means), pick(log_scales)
     co = pick(coeffs) if coeffs is not None else None
-    u = torch.rand(mu.shape, generator=generator, device=mu.device).clamp(1e-5, 1.0 - 1e-5)
+    u_shape = (1, *mu.shape[1:]) if shared_noise else mu.shape
+    u = torch.rand(u_shape, generator=generator, device=mu.device).clamp(1e-5, 1.0 - 1e-5)
     noise = torch.log(u) - torch.log1p(-u)  # standard logistic
     out = torch.empty_like(mu)
     for c in range(channels):

@@ -6,7 +6,8 @@
 Reports on the held-out split: the negative ELBO and an importance-weighted bound (K=100) in bits/dim,
 generative classification accuracy, and class-consistency: the share of 1,000 class-conditional samples
 (100 per class) that an independent classifier (scikit-learn's SVC, fit on the real training split) assigns
-to the asked class, at the preset's temperature and at 1.0 and 0.8. A baseline puts the bits/dim in
+to the asked class, at the preset's temperature and at 1.0 and 0.8, and the share of test digits that
+``sample.py swap`` decodes under each other class which it assigns to that class. A baseline puts the bits/dim in
 context: independent per-class pixel histograms over the pixel levels. Ends with one JSON line.
 Only for the digits (8x8, 17 levels), whose classifier needs no download.
 """
@@ -60,6 +61,23 @@ def class_consistency(model, classifier, temperature: float, n_per_class: int = 
     return float((classifier.predict(features) == labels.numpy()).mean())
 
 
+def swap_consistency(model, classifier, data: Data, n_images: int = 100, seed: int = 0) -> float:
+    """``sample.py swap`` judged: ``n_images`` test digits encoded under their own class (all latent groups) and
+    decoded under each of the 10 classes; the share the classifier assigns to the target class."""
+    idx = torch.randperm(len(data.test), generator=torch.Generator().manual_seed(seed))[:n_images]
+    images, labels = data.test.images[idx], data.test.labels[idx]
+    with seeded(torch.device("cpu"), seed):
+        noise = model.prior_noise_of(images, labels)
+    decoded, targets = [], []
+    for c in range(model.H.n_classes):
+        target = torch.full((n_images,), c)
+        with seeded(torch.device("cpu"), seed):
+            decoded.append(model.sample(n_images, target, noises=noise, shared_pixel_noise=True))
+        targets.append(target)
+    features = torch.cat(decoded).reshape(-1, 64).float().numpy() * 16.0 / 255.0
+    return float((classifier.predict(features) == torch.cat(targets).numpy()).mean())
+
+
 def fit_classifier(data: Data):
     """The judge: an RBF SVC on the real training digits (about 98-99% on the real held-out digits)."""
     from sklearn.svm import SVC
@@ -93,6 +111,7 @@ def main(argv: list[str]) -> None:
     classifier, judge_accuracy = fit_classifier(data)
     temps = sorted({model.H.temperature, 1.0, 0.8}, reverse=True)
     consistency = {str(t): class_consistency(model, classifier, t) for t in temps}
+    swapped = swap_consistency(model, classifier, data)
     baseline = histogram_baseline_bpd(data, model.H.pixel_levels)
     baseline_uncond = histogram_baseline_bpd(data, model.H.pixel_levels, conditional=False)
 
@@ -104,12 +123,14 @@ def main(argv: list[str]) -> None:
     print(f"judge (SVC) on real digits  {judge_accuracy:.4f}")
     for t, value in consistency.items():
         print(f"class-consistency at t={t:<4} {value:.4f}")
+    print(f"class swap (sample.py swap) {swapped:.4f} of 100 test digits x 10 classes judged the target class")
     if train_seconds is not None:
         print(f"training wall time          {train_seconds:.0f} s")
     print(json.dumps({"test_bpd": round(report["bpd"], 4), "test_bpd_iw": round(report["bpd_iw"], 4),
                       "baseline_bpd": round(baseline, 4), "gen_class_acc": round(report["gen_class_acc"], 4),
                       "class_consistency": round(consistency[str(model.H.temperature)], 4),
-                      "class_consistency_by_t": consistency, "train_seconds": train_seconds}))
+                      "class_consistency_by_t": consistency, "swap_consistency": round(swapped, 4),
+                      "train_seconds": train_seconds}))
 
 
 if __name__ == "__main__":

@@ -43,3 +43,12 @@ def run(script: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
 @pytest.fixture
 def tiny():
     return tiny_hps
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A tiny digits model trained for 6 steps through the real command line: (run folder, the run's result)."""
+    run_dir = tmp_path_factory.mktemp("run") / "digits"
+    result = run("train.py", *tiny_cli_args(run_dir))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return run_dir, result

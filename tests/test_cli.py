@@ -10,14 +10,6 @@ import torch
 from conftest import run, tiny_cli_args
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("run") / "digits"
-    result = run("train.py", *tiny_cli_args(run_dir))
-    assert result.returncode == 0, result.stderr[-2000:]
-    return run_dir, result
-
-
 def test_train_writes_checkpoint_logs_and_samples(trained_run):
     run_dir, result = trained_run
     assert "model parameters:" in result.stdout
@@ -113,7 +105,8 @@ BAD_INPUTS = [
     ("sample.py", ["--weights", "RUN", "--classes", "horse"], "unknown class 'horse'"),
     ("sample.py", ["--weights", "RUN", "--classes", "12"], "out of range"),
     ("sample.py", ["--weights", "RUN", "--temperature", "0"], "must be > 0"),
-    ("sample.py", ["--weights", "RUN", "--temperature", "warm"], "must be a number or a comma-separated list"),
+    ("sample.py", ["--weights", "RUN", "--temperature", "warm"], "must be a number, a comma-separated list or"),
+    ("sample.py", ["--weights", "RUN", "--temperature", "16:0.5"], "names resolution 16"),
     ("sample.py", ["--weights", "RUN", "--temperature", "1,2"], "lists 2 values; this model has"),
     ("sample.py", ["--weights", "RUN", "--n_per_class", "0"], "must be > 0"),
     ("sample.py", ["--weights", "RUN", "--out", "x.jpg"], "must end in .png or .npz"),
@@ -122,6 +115,20 @@ BAD_INPUTS = [
     ("sample.py", ["--weights", "RUN", "--precision", "fp64"], "invalid choice: 'fp64'"),
     ("sample.py", ["--weights", "RUN", "--export", "model.bin"], "--export must end in .safetensors"),
     ("sample.py", ["--weights", "RUN", "--seed", "x"], "invalid int value"),
+    # the exploration modes
+    ("sample.py", ["warp", "--weights", "RUN"], "unrecognized arguments: warp"),
+    ("sample.py", ["recon", "--weights", "RUN", "--k", "9"], "--k: 9 is out of range 0..5"),
+    ("sample.py", ["recon", "--weights", "RUN", "--images", "5000"], "index 5000 is out of range"),
+    ("sample.py", ["recon", "--weights", "RUN", "--split", "train"], "invalid choice: 'train'"),
+    ("sample.py", ["interp", "--weights", "RUN", "--images", "1"], "--images needs two indices"),
+    ("sample.py", ["interp", "--weights", "RUN", "--frames", "1"], "--frames must be >= 2"),
+    ("sample.py", ["interp", "--weights", "RUN", "--images", "1,2", "--seeds", "3,4"], "at most one of"),
+    ("sample.py", ["interp", "--weights", "RUN", "--out", "x.jpg"], "must end in .png or .gif"),
+    ("sample.py", ["interp", "--weights", "RUN", "--out", "/proc/no/such/x.png"], "cannot write"),
+    ("sample.py", ["explore", "--weights", "RUN", "--groups", "7"], "--groups: 7 is out of range 0..4"),
+    ("sample.py", ["explore", "--weights", "RUN", "--class", "cat"], "unknown class 'cat'"),
+    ("sample.py", ["swap", "--weights", "RUN", "--n", "0"], "--n must be > 0"),
+    ("sample.py", ["swap", "--weights", "UNCONDITIONAL"], "is an unconditional model: swap needs classes"),
 ]
 
 
@@ -134,7 +141,10 @@ def bad_files(trained_run, tmp_path_factory):
     torch.save({"weights": torch.zeros(3)}, folder / "foreign.pt")
     (folder / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
     (folder / "empty").mkdir()
-    return {"RUN": str(run_dir), "CORRUPT": str(folder / "corrupt.pt"), "FOREIGN": str(folder / "foreign.pt"),
+    unconditional = folder / "unconditional"
+    assert run("train.py", *tiny_cli_args(unconditional, n_classes=0, max_steps=1)).returncode == 0
+    return {"RUN": str(run_dir), "UNCONDITIONAL": str(unconditional),
+            "CORRUPT": str(folder / "corrupt.pt"), "FOREIGN": str(folder / "foreign.pt"),
             "BADSAFETENSORS": str(folder / "bad.safetensors"), "EMPTYDIR": str(folder / "empty")}
 
 
@@ -156,7 +166,7 @@ def test_bad_input_is_one_line_and_exit_2(trained_run, bad_files, tmp_path, scri
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr
     assert snapshot(run_dir) == before
-    assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.npz"))
+    assert not [p for p in tmp_path.iterdir() if p.suffix in (".png", ".npz", ".gif")]
 
 
 def test_help_lists_every_field():

@@ -65,14 +65,20 @@ def test_edge_bins_take_the_tails():
         assert probs[expected_level].item() > 0.999
 
 
+@pytest.mark.parametrize("shared_noise", [False, True])
 @pytest.mark.parametrize("channels,levels,mixtures", [(1, 17, 5), (3, 5, 3)])
-def test_sampling_matches_probabilities(channels, levels, mixtures):
-    """Chi-square goodness of fit of 200,000 samples against the probabilities dmol_log_prob assigns."""
+def test_sampling_matches_probabilities(channels, levels, mixtures, shared_noise):
+    """Chi-square goodness of fit of 200,000 samples against the probabilities dmol_log_prob assigns (with
+    shared noise the samples are 200,000 pixels of one image: the noise is shared across images only)."""
     params = random_params(channels, mixtures, seed=7, scale=1.0)
     n = 200_000
     gen = torch.Generator().manual_seed(11)
-    samples = dmol_sample(params.expand(n, -1, -1, -1), channels, levels, mixtures, generator=gen)
-    flat = samples[:, :, 0, 0]
+    if shared_noise:
+        samples = dmol_sample(params.expand(1, -1, n, 1), channels, levels, mixtures, gen, shared_noise=True)
+        flat = samples[0, :, :, 0].T
+    else:
+        samples = dmol_sample(params.expand(n, -1, -1, -1), channels, levels, mixtures, generator=gen)
+        flat = samples[:, :, 0, 0]
     codes = torch.zeros(n, dtype=torch.long)
     for c in range(channels):
         codes = codes * levels + flat[:, c]
@@ -93,3 +99,14 @@ def test_log_prob_is_float32_under_bf16_inputs():
     x = all_values(3, 4)[:5].bfloat16()
     logp = dmol_log_prob(params.expand(5, -1, -1, -1), x, 4, 2)
     assert logp.dtype == torch.float32
+
+
+def test_shared_noise_gives_equal_images_equal_samples():
+    params = random_params(3, 4, seed=1, scale=1.0).expand(1, -1, 6, 6)
+    other = random_params(3, 4, seed=2, scale=1.0).expand(1, -1, 6, 6)
+    batch = torch.cat([params, other, params])
+    gen = torch.Generator().manual_seed(0)
+    shared = dmol_sample(batch, 3, 256, 4, gen, shared_noise=True)
+    assert torch.equal(shared[0], shared[2]) and not torch.equal(shared[0], shared[1])
+    independent = dmol_sample(batch, 3, 256, 4, gen)
+    assert not torch.equal(independent[0], independent[2])
