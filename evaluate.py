@@ -16,10 +16,9 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from data import Split, eval_batches, load_data
+from data import Split, eval_batches, load_data_for
 from utils import Dist, UserError, checkpoint_script_parser, pick_device, resolve_checkpoint, run_cli, seeded
 
 
@@ -47,7 +46,9 @@ def evaluate_elbo(model, split: Split, batch_size: int, device: torch.device, se
                            out["kl_groups"].double() * n])
     model.train(was_training)
     loss, recon, kl, count, *groups = dist.all_reduce(sums).tolist()
+    dims = model.decoder.out_net.scored_dims(split.images[:1])
     return {"loss": loss / count, "recon": recon / count, "kl": kl / count,
+            "nats_per_image": loss / count * dims * math.log(2.0),  # how binarized MNIST is reported
             "kl_groups": [g / count for g in groups],
             "per_image": torch.cat(per_image) if dist.world == 1 else None}
 
@@ -62,7 +63,7 @@ def importance_weighted_bpd(model, split: Split, k: int, batch_size: int, device
     """
     model.eval()
     conditional = model.H.n_classes > 0
-    ndims = float(np.prod(split.images.shape[1:]))
+    ndims = model.decoder.out_net.scored_dims(split.images[:1])
     images_per_chunk = max(1, batch_size // k)
     bounds = []
     with seeded(device, seed):
@@ -116,13 +117,14 @@ def evaluate_checkpoint(weights: str, split_name: str = "test", iw_samples: int 
     dev = pick_device(device)
     model, class_names = load_model(weights, dev, use_ema=use_ema)
     H = model.H
-    data = load_data(H.dataset, data_root or H.data_root)
+    data = load_data_for(H, data_root)
     split = {"test": data.test, "valid": data.valid, "train": data.train}[split_name]
     elbo = evaluate_elbo(model, split, batch_size, dev, seed)
     result = {
         "checkpoint": str(resolve_checkpoint(weights)), "weights": "ema" if use_ema else "raw",
         "dataset": H.dataset, "split": split_name, "n_images": len(split), "pixel_levels": H.pixel_levels,
         "bpd": elbo["loss"], "recon_bpd": elbo["recon"], "kl_bpd": elbo["kl"],
+        "nats_per_image": elbo["nats_per_image"],
         "kl_per_resolution": kl_per_resolution(model, elbo["kl_groups"]), "kl_per_group": elbo["kl_groups"],
         "iw_samples": iw_samples,
     }
@@ -131,7 +133,7 @@ def evaluate_checkpoint(weights: str, split_name: str = "test", iw_samples: int 
     else:
         result["bpd_iw"] = elbo["loss"]
     labels = split.labels
-    if H.n_classes > 0:
+    if H.n_classes > 0 and not H.multi_label:  # per class and generative classification: one class per image
         result["per_class_bpd"] = {name: elbo["per_image"][labels == c].mean().item()
                                    for c, name in enumerate(class_names) if (labels == c).any()}
         if classify:
@@ -153,6 +155,7 @@ def format_table(r: dict) -> str:
              f"    KL                 {r['kl_bpd']:.4f}"]
     lines += [f"      at {res:>4}x{res:<4}     {v:.4f}" for res, v in r["kl_per_resolution"].items()]
     lines.append(f"  IW bound (K={r['iw_samples']:<5})   {r['bpd_iw']:.4f}")
+    lines.append(f"  negative ELBO in nats per image: {r['nats_per_image']:.2f}")
     for name, v in r.get("per_class_bpd", {}).items():
         lines.append(f"  class {name:<14} {v:.4f}")
     if "gen_class_acc" in r:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from utils import CliParser, UserError
-from vae_helpers import parse_layer_string
+from vae_helpers import LIKELIHOODS, parse_layer_string
 
 
 def _f(default: Any, help: str, derived: bool = False):  # noqa: A002 - mirrors argparse's name
@@ -26,12 +26,18 @@ class Hyperparams:
     """Every setting of a run. Unknown attributes cannot be set or read."""
 
     # data
-    dataset: str = _f("cifar10", "dataset to train on: cifar10 or digits")
+    dataset: str = _f("cifar10", "dataset to train on (see data.DATASETS; each preset names its own)")
     data_root: str = _f("./data", "folder holding (or receiving) the dataset files")
     pixel_levels: int = _f(256, "number of pixel levels the likelihood models (256 for 8-bit, 17 for digits)")
     data_shift: float = _f(-120.63838, "encoder input is (x + data_shift) * data_scale, x in 0..255")
     data_scale: float = _f(1.0 / 64.16736, "encoder input is (x + data_shift) * data_scale, x in 0..255")
-    n_classes: int = _f(10, "classes to condition on: the dataset's count, or 0 for an unconditional model")
+    n_classes: int = _f(10, "classes (or attributes) to condition on: the dataset's count, 0 for an unconditional "
+                        "model, or -1: whatever count the data has (the folder preset)")
+    likelihood: str = _f("dmol", "pixel likelihood: dmol (discretized mixture of logistics), bernoulli (binarized "
+                         "data: the training images are binarized afresh each step, held-out ones once with a "
+                         "fixed seed) or gaussian (discretized, over the pixel levels)")
+    gaussian_std: float = _f(0.0, "gaussian likelihood: fixed standard deviation on the [-1, 1] scale (0: learned "
+                             "per pixel)")
     # model
     width: int = _f(384, "channels of the residual stream")
     custom_width_str: str = _f("", "per-resolution widths, e.g. '32:256,16:384' (empty: width everywhere)")
@@ -85,6 +91,9 @@ class Hyperparams:
     hps: str = _f("cifar10", "preset these settings started from", derived=True)
     image_size: int = _f(32, "image height and width", derived=True)
     image_channels: int = _f(3, "image channels", derived=True)
+    pad: int = _f(0, "zero padding around each image that the likelihood leaves out (MNIST: 28x28 in 32x32)",
+                  derived=True)
+    multi_label: bool = _f(False, "labels are multi-hot attributes (CelebA) rather than one class", derived=True)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name not in _FIELD_NAMES:
@@ -120,6 +129,66 @@ PRESETS: dict[str, dict[str, Any]] = {
         skip_threshold=-1.0, ema_rate=0.998, n_batch=64, max_steps=2500, eval_every=500, save_every=500,
         log_every=50, n_batch_eval=360, temperature=1.0,
         grad_checkpoint="none",  # 8x8 activations are tiny; recomputing GELUs costs ~30% of a step here
+    ),
+    # MNIST padded to 32x32 (the likelihood scores only the 28x28 digit). 8-bit with the DMOL by default;
+    # `--likelihood bernoulli --pixel_levels 2` is the dynamically binarized benchmark, reported in nats too.
+    # Shift and scale: MNIST's published mean and standard deviation (0.1307, 0.3081), padding ignored.
+    "mnist": dict(
+        dataset="mnist", n_classes=10, data_shift=-33.33, data_scale=1.0 / 78.57,
+        width=128, zdim=16, num_mixtures=5, enc_blocks="32x3,32d2,16x3,16d2,8x3,8d2,4x3,4d4,1x2",
+        dec_blocks="1x1,4m1,4x2,8m4,8x3,16m8,16x3,32m16,32x3", lr=5e-4, n_batch=32, ema_rate=0.999,
+        eval_every=2000, save_every=2000,
+    ),
+    # CIFAR-10's architecture and optimiser on CIFAR-100's 100 classes. Shift and scale from CIFAR-100's
+    # published per-channel statistics (means 0.507, 0.487, 0.441; std about 0.267), pooled over channels.
+    "cifar100": dict(dataset="cifar100", n_classes=100, data_shift=-121.94, data_scale=1.0 / 68.39),
+    # SVHN (train split only, without "extra"), CIFAR-10's architecture; published statistics (0.438, 0.444,
+    # 0.473; std about 0.198).
+    "svhn": dict(dataset="svhn", n_classes=10, data_shift=-115.48, data_scale=1.0 / 50.56),
+    # CelebA 64x64 conditioned on its 40 binary attributes (a multi-hot vector embedded linearly); a
+    # 64x64 stack in the style of imagenet64, narrower. `--n_classes 0` trains it unconditionally.
+    "celeba64": dict(
+        dataset="celeba64", n_classes=40, data_shift=-112.3, data_scale=1.0 / 77.0, width=256,
+        enc_blocks="64x3,64d2,32x6,32d2,16x6,16d2,8x6,8d2,4x3,4d4,1x3",
+        dec_blocks="1x1,4m1,4x2,8m4,8x5,16m8,16x8,32m16,32x12,64m32,64x4", n_batch=16, ema_rate=0.999,
+    ),
+    # openai/vdvae's ImageNet-32 model (3.80 bits/dim), class-conditional over the 1,000 classes.
+    "imagenet32": dict(
+        dataset="imagenet32", n_classes=1000, data_shift=-116.2373, data_scale=1.0 / 69.37404, width=512,
+        enc_blocks="32x15,32d2,16x9,16d2,8x8,8d2,4x6,4d4,1x6", dec_blocks="1x2,4m1,4x4,8m4,8x9,16m8,16x19,32m16,32x40",
+        n_batch=8, lr=1.5e-4, ema_rate=0.999, grad_clip=200.0, skip_threshold=300.0,
+    ),
+    # openai/vdvae's ImageNet-64 model (3.52 bits/dim).
+    "imagenet64": dict(
+        dataset="imagenet64", n_classes=1000, data_shift=-115.92961967, data_scale=1.0 / 69.37404, width=512,
+        enc_blocks="64x11,64d2,32x20,32d2,16x9,16d2,8x8,8d2,4x7,4d4,1x5",
+        dec_blocks="1x2,4m1,4x3,8m4,8x7,16m8,16x15,32m16,32x31,64m32,64x12",
+        n_batch=4, lr=1.5e-4, ema_rate=0.999, grad_clip=220.0, skip_threshold=380.0,
+    ),
+    # openai/vdvae's FFHQ-256 model (0.61 bits/dim), unconditional, at 5 bits per channel (32 levels).
+    "ffhq256": dict(
+        dataset="ffhq256", n_classes=0, pixel_levels=32, data_shift=-112.8666757481, data_scale=1.0 / 69.84780273,
+        width=512, enc_blocks="256x3,256d2,128x8,128d2,64x12,64d2,32x17,32d2,16x7,16d2,8x5,8d2,4x5,4d4,1x4",
+        dec_blocks="1x2,4m1,4x3,8m4,8x4,16m8,16x9,32m16,32x21,64m32,64x13,128m64,128x7,256m128",
+        n_batch=1, lr=1.5e-4, ema_rate=0.999, grad_clip=130.0, skip_threshold=180.0,
+    ),
+    # openai/vdvae's FFHQ-1024 model (2.42 bits/dim), unconditional, 8-bit; narrow at the top resolutions.
+    # Its normalisation (x/255 - 0.4387) / 0.2743 written on the 0..255 scale.
+    "ffhq1024": dict(
+        dataset="ffhq1024", n_classes=0, data_shift=-111.8685, data_scale=1.0 / 69.9465, width=16,
+        custom_width_str="512:32,256:64,128:512,64:512,32:512,16:512,8:512,4:512,1:512", num_mixtures=2,
+        enc_blocks="1024x1,1024d2,512x3,512d2,256x5,256d2,128x7,128d2,64x10,64d2,32x14,32d2,16x7,16d2,8x5,8d2,"
+                   "4x5,4d4,1x4",
+        dec_blocks="1x2,4m1,4x3,8m4,8x4,16m8,16x9,32m16,32x20,64m32,64x14,128m64,128x7,256m128,256x2,512m256,"
+                   "1024m512",
+        n_batch=1, lr=7e-5, ema_rate=0.999, grad_clip=360.0, skip_threshold=500.0,
+    ),
+    # Any image folder (--data_root): classes from its sub-folders (or none), images centre-cropped and resized
+    # to the size the decoder ends at (64 here: change --enc_blocks/--dec_blocks for another size).
+    "folder": dict(
+        dataset="folder", n_classes=-1, data_shift=-127.5, data_scale=1.0 / 64.0, width=256,
+        enc_blocks="64x3,64d2,32x4,32d2,16x4,16d2,8x4,8d2,4x3,4d4,1x2",
+        dec_blocks="1x1,4m1,4x2,8m4,8x3,16m8,16x4,32m16,32x6,64m32,64x3", n_batch=16, ema_rate=0.999,
     ),
 }
 
@@ -191,7 +260,16 @@ def validate(h: Hyperparams) -> None:
     for name in positive:
         if not getattr(h, name) > 0:
             raise UserError(f"--{name} must be > 0, got {getattr(h, name)}")
-    for name in ["max_steps", "eval_every", "warmup_iters", "wd", "n_classes", "augment_shift", "grad_clip",
+    if h.n_classes < -1:
+        raise UserError(f"--n_classes must be -1 (the dataset's), 0 (unconditional) or the dataset's count, got "
+                        f"{h.n_classes}")
+    if h.likelihood not in LIKELIHOODS:
+        raise UserError(f"--likelihood must be one of {', '.join(LIKELIHOODS)}, got {h.likelihood!r}")
+    if h.likelihood == "bernoulli" and h.pixel_levels != 2:
+        raise UserError(f"--likelihood bernoulli models binary pixels: it needs --pixel_levels 2, got {h.pixel_levels}")
+    if h.gaussian_std < 0:
+        raise UserError(f"--gaussian_std must be >= 0 (0: learned), got {h.gaussian_std}")
+    for name in ["max_steps", "eval_every", "warmup_iters", "wd", "augment_shift", "grad_clip",
                  "keep_every", "keep_last", "skip_limit"]:
         if getattr(h, name) < 0:
             raise UserError(f"--{name} must be >= 0, got {getattr(h, name)}")

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import Split, load_data
+from data import Split, load_data_for
 from hps import PRECISIONS, Hyperparams
 from utils import (CliParser, UserError, add_checkpoint_flags, autocast, labelled_grid, load_checkpoint,
                    pick_device, resolve_precision, run_cli, save_gif, save_grid)
@@ -45,11 +45,13 @@ def load_model(weights: str, device: torch.device, use_ema: bool = True) -> tupl
     """Build the model a checkpoint (``.pt``, or an exported ``.safetensors``) describes and load its (EMA)
     weights; returns it with the class names."""
     if str(weights).endswith(".safetensors"):
-        state, hps, class_names = load_safetensors(weights)
+        state, hps, class_names, attribute_means = load_safetensors(weights)
     else:
         ckpt = load_checkpoint(weights)
         state, hps, class_names = ckpt["ema" if use_ema else "model"], ckpt["hps"], ckpt["class_names"]
+        attribute_means = ckpt.get("attribute_means")
     model = VAE(Hyperparams.from_dict(hps))
+    model.attribute_means = attribute_means  # attribute models: the default setting of each attribute
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
@@ -66,6 +68,7 @@ def export_safetensors(weights: str, out: Path, use_ema: bool = True) -> None:
     state = {k: v.contiguous() for k, v in ckpt["ema" if use_ema else "model"].items()}
     metadata = {"format": SAFETENSORS_FORMAT, "hps": json.dumps(ckpt["hps"]),
                 "class_names": json.dumps(ckpt["class_names"]), "step": str(ckpt["step"]),
+                "attribute_means": json.dumps(ckpt.get("attribute_means")),
                 "weights": "ema" if use_ema else "model"}
     try:
         save_file(state, str(out), metadata=metadata)
@@ -73,8 +76,9 @@ def export_safetensors(weights: str, out: Path, use_ema: bool = True) -> None:
         raise UserError(f"cannot write {out}: {err.strerror}") from None
 
 
-def load_safetensors(path: str) -> tuple[dict, dict, list[str]]:
-    """Weights, hyperparameters and class names of an exported file (no code can run: no pickle)."""
+def load_safetensors(path: str) -> tuple[dict, dict, list[str], list[float] | None]:
+    """Weights, hyperparameters, class names and attribute frequencies of an exported file (no code can run:
+    no pickle)."""
     from safetensors import SafetensorError, safe_open
 
     if not Path(path).is_file():
@@ -87,7 +91,8 @@ def load_safetensors(path: str) -> tuple[dict, dict, list[str]]:
         raise UserError(f"cannot read {path}: {str(err).strip().splitlines()[0]}") from None
     if metadata.get("format") != SAFETENSORS_FORMAT:
         raise UserError(f"{path} was not exported by this project (no '{SAFETENSORS_FORMAT}' metadata)")
-    return state, json.loads(metadata["hps"]), json.loads(metadata["class_names"])
+    return (state, json.loads(metadata["hps"]), json.loads(metadata["class_names"]),
+            json.loads(metadata.get("attribute_means", "null")))
 
 
 def parse_classes(text: str, class_names: list[str]) -> list[int]:
@@ -187,6 +192,7 @@ class Session:
         self.model, self.class_names = load_model(args.weights, self.device, use_ema=not args.raw_weights)
         self.H = self.model.H
         self.conditional = self.H.n_classes > 0
+        self.multi_label = self.conditional and self.H.multi_label
         self.amp_dtype = resolve_precision(args.precision, self.device)
         self.temperature = parse_temperature(args.temperature, self.model)
         self.n_groups = self.model.decoder.n_groups
@@ -197,25 +203,58 @@ class Session:
     def require_classes(self, mode: str) -> None:
         if not self.conditional:
             raise UserError(f"{self.args.weights} is an unconditional model: {mode} needs classes")
+        if self.multi_label:
+            raise UserError(f"{self.args.weights} conditions on attributes, not classes: {mode} needs a class "
+                            f"model (set attributes with --attributes in grid, explore or interp)")
 
-    def one_class(self, text: str | None) -> int | None:
-        """``--class`` as an index (default: the first class); None for an unconditional model."""
+    def one_class(self, text: str | None) -> int | torch.Tensor | None:
+        """``--class`` as an index (default: the first class); for an attribute model the ``--attributes``
+        vector (default: each attribute at its training frequency); None for an unconditional model."""
         if not self.conditional:
             if text:
                 raise UserError(f"{self.args.weights} is an unconditional model: it takes no --class")
             return None
+        if self.multi_label:
+            if text:
+                raise UserError(f"{self.args.weights} conditions on attributes: use --attributes, not --class")
+            return self.attribute_rows()[0][0]
         return parse_classes(text, self.class_names)[0] if text else 0
 
-    def labels(self, classes: list[int] | int | None, n: int) -> torch.Tensor | None:
+    def attribute_rows(self) -> tuple[torch.Tensor, list[str]]:
+        """``--attributes`` rows ("Smiling,Male=0;Eyeglasses"): named attributes set to 1 (or the value given),
+        the others at their training frequency; one row of frequencies when none is given."""
+        means = getattr(self.model, "attribute_means", None) or [0.5] * len(self.class_names)
+        spec = getattr(self.args, "attributes", None) or ""
+        rows, names = [], []
+        for row in spec.split(";") if spec else [""]:
+            values = list(means)
+            for item in (t.strip() for t in row.split(",") if t.strip()):
+                name, _, value = item.partition("=")
+                if name not in self.class_names:
+                    raise UserError(f"unknown attribute {name!r}; valid: {', '.join(self.class_names)}")
+                if value not in ("", "0", "1"):
+                    raise UserError(f"attribute {name} takes =0 or =1, got {item!r}")
+                values[self.class_names.index(name)] = float(value or 1)
+            rows.append(values)
+            names.append(row.strip() or "mean attributes")
+        return torch.tensor(rows, device=self.device), names
+
+    def labels(self, classes: list[int] | int | torch.Tensor | None, n: int) -> torch.Tensor | None:
+        """``n`` labels from one class index or attribute vector (or a list of class indices)."""
         if classes is None:
             return None
+        if isinstance(classes, torch.Tensor):
+            return classes.to(self.device).expand(n, -1)
         if isinstance(classes, int):
             classes = [classes] * n
         return torch.tensor(classes, device=self.device)
 
+    def label_name(self, label) -> str:
+        return "attributes" if self.multi_label else self.name(int(label))
+
     def held_out(self) -> Split:
         """The split ``--split`` of the model's dataset (from ``--data_root``, else the checkpoint's)."""
-        data = load_data(self.H.dataset, self.args.data_root or self.H.data_root)
+        data = load_data_for(self.H, self.args.data_root)
         return {"test": data.test, "valid": data.valid}[self.args.split]
 
     def pick(self, split: Split, indices: list[int] | None, n: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -272,7 +311,13 @@ def run_grid(s: Session) -> str:
     out = Path(args.out)
     if out.suffix not in (".png", ".npz"):
         raise UserError(f"--out must end in .png or .npz, got {args.out!r}")
-    if s.conditional:
+    if s.multi_label:
+        if args.classes:
+            raise UserError(f"{args.weights} conditions on attributes: use --attributes, not --classes")
+        rows, row_labels = s.attribute_rows()
+        per_class = args.n_per_class or s.n(10)
+        labels, nrow, n = rows.repeat_interleave(per_class, dim=0), per_class, len(rows) * per_class
+    elif s.conditional:
         classes = parse_classes(args.classes, s.class_names)
         per_class = args.n_per_class or s.n(10)
         labels = s.labels(classes, 0).repeat_interleave(per_class)
@@ -289,7 +334,8 @@ def run_grid(s: Session) -> str:
         label_array = labels.cpu().numpy() if labels is not None else np.full(n, -1)
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(out, images=images.permute(0, 2, 3, 1).numpy(), labels=label_array.astype(np.int64))
+            label_array = label_array.astype(np.float32 if s.multi_label else np.int64)  # attribute vectors: (N, A)
+            np.savez(out, images=images.permute(0, 2, 3, 1).numpy(), labels=label_array)
         except OSError as err:
             raise UserError(f"cannot write {out}: {err.strerror}") from None
     else:
@@ -319,7 +365,7 @@ def run_recon(s: Session) -> str:
         for k in ks:
             columns.append(s.model.reconstruct(images, cond, n_posterior=k, temperature=s.temperature).cpu())
     grid = torch.stack(columns, dim=1).flatten(0, 1)  # a row per input: the input, then each k
-    rows = [f"#{i}: {s.name(int(c))}" if s.conditional else f"#{i}" for i, c in zip(indices, labels.tolist())]
+    rows = [f"#{i}: {s.label_name(c)}" if s.conditional else f"#{i}" for i, c in zip(indices, labels.tolist())]
     out = s.write(grid, len(columns), row_labels=rows, col_labels=["input"] + [f"k={k}" for k in ks])
     return f"wrote reconstructions of {len(images)} {args.split} images from the top k of {s.n_groups} groups " \
            f"(k = {', '.join(map(str, ks))}) to {out}"
@@ -370,7 +416,7 @@ def run_interp(s: Session) -> str:
             given = args.__dict__.get("class")
             labels = (s.labels(s.one_class(given), len(firsts)) if given else ya) if s.conditional else None
             ends = [s.prior_noise_of(xa, labels), s.prior_noise_of(xb, labels)]
-            rows = [f"#{i}->#{j}" + (f", {s.name(int(c))}" if s.conditional else "")
+            rows = [f"#{i}->#{j}" + (f", {s.label_name(c)}" if s.conditional else "")
                     for i, j, c in zip(firsts, seconds, (labels if labels is not None else ya).tolist())]
         frames = [s.decode([slerp(p, q, t) for p, q in zip(*ends)], labels) for t in ts]
     strip = torch.stack(frames, dim=1).flatten(0, 1)  # a row per pair, a column per frame
@@ -411,7 +457,7 @@ def run_explore(s: Session) -> str:
         rows.append(s.decode(noise, labels))
     bases = [block.base for block in s.model.decoder.dec_blocks]
     out = s.write(torch.cat(rows), n, row_labels=[f"group {g} ({bases[g]}x{bases[g]})" for g in groups])
-    what = f" of class {s.name(cls)}" if cls is not None else ""
+    what = f" of class {s.name(cls)}" if isinstance(cls, int) else ""
     return f"wrote {n} variations of each of {len(groups)} latent groups{what} to {out}"
 
 
@@ -467,6 +513,9 @@ def build_parser() -> CliParser:
     g = modes["grid"]
     g.add_argument("--classes", default="", help="comma-separated class names or indices (default: all)")
     g.add_argument("--n_per_class", type=int, default=None, help="samples per class (same as --n)")
+    for m in (g, modes["explore"], modes["interp"]):
+        m.add_argument("--attributes", default=None, help="attribute models (celeba64): rows of attributes to set, "
+                       "'Smiling,Male=0;Eyeglasses' (others at their training frequency)")
     g.add_argument("--export", default="", help="instead of sampling, write the weights (EMA unless "
                    "--raw_weights) and settings to this .safetensors file")
     modes["recon"].add_argument("--k", default=None, help="comma-separated numbers of top latent groups taken "

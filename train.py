@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import Data, Split, epoch_batches, load_data, random_shift
+from data import DATASET_PADDING, Data, Split, binarize, epoch_batches, load_data_for, random_shift
 from hps import Hyperparams, parse_args
 from evaluate import evaluate_elbo
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -52,6 +52,10 @@ def derive_from_data(H: Hyperparams, data: Data) -> None:
     """Fill the fields the data decides, and check the ones it constrains."""
     H.image_size = data.image_size
     H.image_channels = data.channels
+    H.pad = DATASET_PADDING.get(H.dataset, 0)
+    H.multi_label = data.multi_label
+    if H.n_classes == -1:
+        H.n_classes = len(data.class_names)
     if H.n_classes not in (0, len(data.class_names)):
         raise UserError(f"--n_classes must be 0 (unconditional) or {len(data.class_names)} for {H.dataset}, "
                         f"got {H.n_classes}")
@@ -100,15 +104,27 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, rate: float) -> Non
 
 
 @torch.no_grad()
-def sample_grid(model: VAE, class_names: list[str], n_per_class: int, temperature: float,
-                device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n_per_class`` samples of every class (or 10 rows of unconditional samples): uint8 images, labels."""
+def sample_grid(model: VAE, row_labels: torch.Tensor | None, n_per_row: int, temperature: float,
+                device: torch.device, seed: int = 0) -> torch.Tensor:
+    """``n_per_row`` samples for each row label (class indices, or attribute vectors), or 10 rows of
+    unconditional samples when ``row_labels`` is None: uint8 images on the CPU."""
     model.eval()
-    n_rows = len(class_names) if model.H.n_classes > 0 else 10
-    labels = torch.arange(n_rows, device=device).repeat_interleave(n_per_class)
+    n_rows = len(row_labels) if row_labels is not None else 10
+    labels = row_labels.to(device).repeat_interleave(n_per_row, dim=0) if row_labels is not None else None
     with seeded(device, seed):
-        images = model.sample(len(labels), labels if model.H.n_classes > 0 else None, temperature)
-    return images.cpu(), labels.cpu()
+        images = model.sample(n_rows * n_per_row, labels, temperature)
+    return images.cpu()
+
+
+def grid_rows(H: Hyperparams, data: Data) -> tuple[torch.Tensor | None, list[str] | None]:
+    """What the end-of-run picture shows, a row each: every class (10 spread over them when there are more); for
+    attributes, those of the first 10 test images; nothing for an unconditional model."""
+    if H.n_classes == 0:
+        return None, None
+    if H.multi_label:
+        return data.test.labels[:10], [f"test #{i}" for i in range(min(10, len(data.test)))]
+    classes = torch.arange(H.n_classes) if H.n_classes <= 10 else torch.linspace(0, H.n_classes - 1, 10).long()
+    return classes, [data.class_names[c] for c in classes.tolist()]
 
 
 class Trainer:
@@ -162,7 +178,10 @@ class Trainer:
             last = k == accum - 1
             # gradients sum locally over the passes; DDP averages them over ranks in the last backward only
             with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
-                out = self._forward(random_shift(x, H.augment_shift, shard=shard), y, shard)
+                x = random_shift(x, H.augment_shift, shard=shard)
+                if H.likelihood == "bernoulli":  # dynamic binarization: a fresh draw of the pixels every step
+                    x = binarize(x, shard=shard)
+                out = self._forward(x, y, shard)
                 loss = out["loss_nats"] / accum  # the mean over the global batch: equal-sized passes
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             stats += torch.stack([out["loss"], out["recon"], out["kl"]]).detach().float() / accum
@@ -262,6 +281,7 @@ def checkpoint_dict(H: Hyperparams, trainer: Trainer, state: dict, class_names) 
         "skipped_updates": state["skipped"],
         "hps": H.to_dict(),
         "class_names": list(class_names),
+        "attribute_means": state.get("attribute_means"),  # multi-label data: how often each attribute is on
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }
@@ -327,7 +347,7 @@ def main(argv: list[str]) -> None:
     dist, device = init_distributed(H.device)  # torchrun: one process per device; else one process
     torch.manual_seed(H.seed)
     np.random.seed(H.seed)
-    data = load_data(H.dataset, H.data_root)
+    data = load_data_for(H)  # binarized held-out splits for --likelihood bernoulli
     derive_from_data(H, data)
     user_chose_folder = bool(H.save_dir or H.restore)
     run_dir = Path(dist.broadcast(str(make_run_dir(H)) if dist.main else None))  # rank 0 picks, all agree
@@ -339,7 +359,8 @@ def main(argv: list[str]) -> None:
     trainer = Trainer(H, device, dist=dist)
     global_batch = H.n_batch * dist.world * H.grad_accum  # images per update
     model, ema = trainer.model, trainer.ema
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped": 0}
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped": 0,
+             "attribute_means": data.train.labels.float().mean(0).tolist() if data.multi_label else None}
     resume = checkpoint_to_resume(H, run_dir, log.info)
     if resume is not None:
         restore_run(*resume, H, trainer, state)
@@ -373,8 +394,9 @@ def main(argv: list[str]) -> None:
     def run_eval(split_name: str, split: Split) -> dict:
         result = evaluate_elbo(ema, split, H.n_batch_eval, device, dist=dist)
         result.pop("per_image")
+        nats = f" | {result['nats_per_image']:.2f} nats per image" if H.likelihood == "bernoulli" else ""
         log.info(f"step {state['step']} | {split_name} bits/dim (EMA) {result['loss']:.4f} "
-                 f"= recon {result['recon']:.4f} + kl {result['kl']:.4f}")
+                 f"= recon {result['recon']:.4f} + kl {result['kl']:.4f}{nats}")
         log.metrics("eval", step=state["step"], split=split_name, **result)
         return result
 
@@ -459,9 +481,10 @@ def main(argv: list[str]) -> None:
     if not dist.main:
         return
     with autocast(device, trainer.amp_dtype):
-        images, _ = sample_grid(ema, data.class_names, 10, H.temperature, device, seed=H.seed)
+        rows, row_names = grid_rows(H, data)
+        images = sample_grid(ema, rows, 10, H.temperature, device, seed=H.seed)
     grid_path = run_dir / "samples.png"
-    save_grid(images, grid_path, nrow=10, row_labels=data.class_names if conditional else None)
+    save_grid(images, grid_path, nrow=10, row_labels=row_names)
     if Path("assets").is_dir() and not user_chose_folder:  # a default run from the repository: refresh
         shutil.copyfile(grid_path, Path("assets") / f"{H.hps}_samples.png")  # the preset's README picture
     log.info(f"samples (a row per class, t={H.temperature}): {grid_path}")

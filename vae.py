@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from hps import Hyperparams
-from vae_helpers import (Block, dmol_log_prob, dmol_param_count, dmol_sample, draw_gaussian_diag_samples,
+from vae_helpers import (Block, bernoulli_log_prob, bernoulli_sample, discretized_gaussian_log_prob,
+                         discretized_gaussian_sample, dmol_log_prob, dmol_sample, draw_gaussian_diag_samples,
                          gaussian_analytical_kl, gaussian_log_prob, get_conv, get_width_settings,
-                         parse_layer_string)
+                         likelihood_param_count, parse_layer_string)
 
 
 # Under --grad_checkpoint blocks, runs of this many consecutive blocks are recomputed together: half the
@@ -144,26 +145,50 @@ class DecBlock(nn.Module):
         return self.resnet(x), stats
 
 
-class DmolNet(nn.Module):
-    """Output head: a 1x1 conv to the discretized mixture of logistics parameters."""
+class OutputNet(nn.Module):
+    """Output head: a 1x1 conv to the parameters of the pixel likelihood (``H.likelihood``: the discretized
+    mixture of logistics, Bernoulli logits, or a discretized Gaussian), scored on the central image when
+    ``H.pad`` pixels of padding surround it (MNIST's 28x28 in 32x32)."""
 
     def __init__(self, H: Hyperparams):
         super().__init__()
-        self.channels = H.image_channels
-        self.levels = H.pixel_levels
-        self.num_mixtures = H.num_mixtures
-        self.out_conv = get_conv(H.width, dmol_param_count(H.image_channels, H.num_mixtures), 1)
+        self.kind, self.channels, self.levels = H.likelihood, H.image_channels, H.pixel_levels
+        self.num_mixtures, self.fixed_std, self.pad = H.num_mixtures, H.gaussian_std, H.pad
+        n_params = likelihood_param_count(H.likelihood, H.image_channels, H.num_mixtures, H.gaussian_std <= 0)
+        self.out_conv = get_conv(H.width, n_params, 1)
 
     def forward(self, px_z: torch.Tensor) -> torch.Tensor:
         return self.out_conv(px_z)
 
-    def nll(self, px_z: torch.Tensor, x_target: torch.Tensor) -> torch.Tensor:
-        """Negative log-likelihood in nats per image (summed over pixels and channels)."""
-        return -dmol_log_prob(self.forward(px_z), x_target, self.levels, self.num_mixtures).sum(dim=(1, 2))
+    def crop(self, t: torch.Tensor) -> torch.Tensor:
+        p = self.pad
+        return t[..., p:t.shape[-2] - p, p:t.shape[-1] - p] if p else t
 
-    def sample(self, px_z: torch.Tensor) -> torch.Tensor:
-        """Integer pixel levels (B, C, H, W)."""
-        return dmol_sample(self.forward(px_z), self.channels, self.levels, self.num_mixtures)
+    def nll(self, px_z: torch.Tensor, x_target: torch.Tensor) -> torch.Tensor:
+        """Negative log-likelihood in nats per image (summed over the scored pixels and channels)."""
+        params, x = self.forward(self.crop(px_z)), self.crop(x_target)  # a 1x1 conv: crop before or after
+        if self.kind == "bernoulli":
+            log_prob = bernoulli_log_prob(params, x)
+        elif self.kind == "gaussian":
+            log_prob = discretized_gaussian_log_prob(params, x, self.levels, self.fixed_std)
+        else:
+            log_prob = dmol_log_prob(params, x, self.levels, self.num_mixtures)
+        return -log_prob.sum(dim=(1, 2))
+
+    def sample(self, px_z: torch.Tensor, shared_noise: bool = False) -> torch.Tensor:
+        """Integer pixel levels (B, C, H, W); ``shared_noise``: see dmol_sample."""
+        params = self.forward(px_z)
+        if self.kind == "bernoulli":
+            return bernoulli_sample(params, shared_noise=shared_noise)
+        if self.kind == "gaussian":
+            return discretized_gaussian_sample(params, self.channels, self.levels, self.fixed_std,
+                                               shared_noise=shared_noise)
+        return dmol_sample(params, self.channels, self.levels, self.num_mixtures, shared_noise=shared_noise)
+
+    def scored_dims(self, images: torch.Tensor) -> float:
+        """Dimensions the likelihood scores per image (bits/dim divides by these)."""
+        c, h, w = images.shape[1:]
+        return float(c * (h - 2 * self.pad) * (w - 2 * self.pad))
 
 
 class Decoder(nn.Module):
@@ -186,7 +211,7 @@ class Decoder(nn.Module):
         self.stem_res = specs[0][0]
         if H.n_classes > 0:  # the class enters at the top of the decoder and flows down through it
             self.class_emb = nn.Embedding(H.n_classes, self.widths[self.stem_res])
-        self.out_net = DmolNet(H)
+        self.out_net = OutputNet(H)
         self.gain = nn.Parameter(torch.ones(1, H.width, 1, 1))
         self.bias = nn.Parameter(torch.zeros(1, H.width, 1, 1))
 
@@ -267,6 +292,8 @@ class VAE(nn.Module):
 
     def __init__(self, H: Hyperparams):
         super().__init__()
+        if H.n_classes < 0:
+            raise ValueError("n_classes -1 stands for the dataset's count: derive it from the data first")
         self.H = H
         self.encoder = Encoder(H)
         self.decoder = Decoder(H)
@@ -297,7 +324,7 @@ class VAE(nn.Module):
         enc_in, target = self.preprocess(images)
         activations = self.encoder(enc_in)
         px_z, stats = self.decoder(activations, labels)
-        ndims = float(np.prod(images.shape[1:]))
+        ndims = self.decoder.out_net.scored_dims(images)  # MNIST: its 28x28, not the padded 32x32
         recon_nats = self.decoder.out_net.nll(px_z, target)  # (B,)
         kl_groups = torch.stack([s["kl"].sum(dim=(1, 2, 3)) for s in stats], dim=1)  # (B, G)
         kl_nats = kl_groups.sum(dim=1)
@@ -332,9 +359,7 @@ class VAE(nn.Module):
         fixes the latent noise of chosen groups; ``shared_pixel_noise`` draws the pixels of every image with
         the same uniforms (see dmol_sample)."""
         px_z, _ = self.decoder(None, labels, batch=n, temperature=temperature, noises=noises)
-        out = self.decoder.out_net
-        levels = dmol_sample(out(px_z), out.channels, out.levels, out.num_mixtures, shared_noise=shared_pixel_noise)
-        return self.levels_to_uint8(levels)
+        return self.levels_to_uint8(self.decoder.out_net.sample(px_z, shared_noise=shared_pixel_noise))
 
     @torch.no_grad()
     def prior_noise_of(self, images: torch.Tensor, labels: torch.Tensor | None = None,

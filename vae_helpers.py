@@ -294,3 +294,81 @@ def dmol_sample(params: torch.Tensor, channels: int, levels: int, num_mixtures: 
         level = torch.round((x_c + 1.0) * (levels - 1) / 2.0).clamp(0, levels - 1)
         out[:, c] = level * (2.0 / (levels - 1)) - 1.0
     return torch.round((out + 1.0) * (levels - 1) / 2.0).long()
+
+
+# ---------------------------------------------------------------------------------------------
+# Other output likelihoods over the same pixel levels: Bernoulli (binarized data) and a discretized Gaussian
+# ---------------------------------------------------------------------------------------------
+#
+# Both score the level grid of the DMOL above (x = 2k/(L-1) - 1), so every likelihood gives a proper
+# distribution over the L levels and bits/dim figures compare across them.
+
+LIKELIHOODS = ("dmol", "bernoulli", "gaussian")
+
+
+def likelihood_param_count(kind: str, channels: int, num_mixtures: int, learned_std: bool = True) -> int:
+    """Channels the output conv produces for ``kind``."""
+    if kind == "dmol":
+        return dmol_param_count(channels, num_mixtures)
+    if kind == "bernoulli":
+        return channels  # one logit per channel
+    return channels * (2 if learned_std else 1)  # mean (and log-std) per channel
+
+
+def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Log-probability in nats of binary pixels ``x`` in {-1, 1} (summed over channels): shape (B, H, W)."""
+    bits = (x.float() > 0).float()
+    return -F.binary_cross_entropy_with_logits(logits.float(), bits, reduction="none").sum(dim=1)
+
+
+def bernoulli_sample(logits: torch.Tensor, generator: torch.Generator | None = None,
+                     shared_noise: bool = False) -> torch.Tensor:
+    """Levels 0/1 of shape (B, C, H, W); ``shared_noise``: the same uniforms for every image (see dmol_sample)."""
+    logits = logits.float()
+    shape = (1, *logits.shape[1:]) if shared_noise else logits.shape
+    u = torch.rand(shape, generator=generator, device=logits.device)
+    return (u < torch.sigmoid(logits)).long()
+
+
+def _gaussian_params(params: torch.Tensor, channels: int, fixed_std: float) -> tuple[torch.Tensor, torch.Tensor]:
+    params = params.float()
+    mean = params[:, :channels]
+    if fixed_std > 0:
+        return mean, torch.full_like(mean, math.log(fixed_std))
+    return mean, params[:, channels:2 * channels].clamp(min=LOG_SCALE_MIN)
+
+
+def _log_normal_mass(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """log(Phi(b) - Phi(a)) for a < b, accurate in both tails: by symmetry Phi(b) - Phi(a) = Phi(-a) - Phi(-b),
+    so it is computed on the side where both CDF values are small and their difference keeps its digits."""
+    flip = (a + b) > 0
+    lo, hi = torch.where(flip, -b, a), torch.where(flip, -a, b)
+    log_hi, log_lo = torch.special.log_ndtr(hi), torch.special.log_ndtr(lo)
+    return log_hi + torch.log(-torch.expm1((log_lo - log_hi).clamp(max=-1e-12)))
+
+
+def discretized_gaussian_log_prob(params: torch.Tensor, x: torch.Tensor, levels: int,
+                                  fixed_std: float = 0.0) -> torch.Tensor:
+    """Discretized Gaussian log-probability in nats (summed over channels): shape (B, H, W).
+
+    Each level owns the bin [x - 1/(L-1), x + 1/(L-1)] and the edge bins extend to -inf and +inf, as for the
+    DMOL. ``fixed_std`` > 0 fixes the standard deviation (in the [-1, 1] scale); 0 means it is learned."""
+    x = x.float()
+    mean, log_std = _gaussian_params(params, x.shape[1], fixed_std)
+    half_bin = 1.0 / (levels - 1)
+    inv_std = torch.exp(-log_std)
+    upper, lower = (x - mean + half_bin) * inv_std, (x - mean - half_bin) * inv_std
+    log_bin = torch.where(x < -1.0 + half_bin, torch.special.log_ndtr(upper),
+                          torch.where(x > 1.0 - half_bin, torch.special.log_ndtr(-lower),
+                                      _log_normal_mass(lower, upper)))
+    return log_bin.sum(dim=1)
+
+
+def discretized_gaussian_sample(params: torch.Tensor, channels: int, levels: int, fixed_std: float = 0.0,
+                                 generator: torch.Generator | None = None,
+                                 shared_noise: bool = False) -> torch.Tensor:
+    """Exact sample of the discretized Gaussian: integer levels 0..L-1 of shape (B, C, H, W)."""
+    mean, log_std = _gaussian_params(params, channels, fixed_std)
+    shape = (1, *mean.shape[1:]) if shared_noise else mean.shape
+    value = mean + torch.exp(log_std) * torch.randn(shape, generator=generator, device=mean.device)
+    return torch.round((value + 1.0) * (levels - 1) / 2.0).clamp(0, levels - 1).long()

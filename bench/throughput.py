@@ -146,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-PRESET_IMAGE = {"cifar10": (32, 3), "digits": (8, 1)}
+PRESET_IMAGE = {"cifar10": (32, 3), "digits": (8, 1), "mnist": (32, 1), "cifar100": (32, 3), "svhn": (32, 3),
+                "celeba64": (64, 3), "imagenet32": (32, 3), "imagenet64": (64, 3), "ffhq256": (256, 3),
+                "ffhq1024": (1024, 3), "folder": (64, 3)}
 
 
 def main(argv: list[str]) -> None:

@@ -89,6 +89,10 @@ BAD_INPUTS = [
     ("train.py", ["--hps", "digits", "--skip_limit", "-1"], "--skip_limit must be >= 0"),
     ("train.py", ["--hps", "digits", "--n_batch", "5000"], "larger than the training set"),
     ("train.py", ["--hps", "digits", "--device", "tpu"], "unknown device 'tpu'"),
+    ("train.py", ["--hps", "folder", "--data_root", "EMPTYDIR"], "no images in"),
+    ("train.py", ["--hps", "digits", "--likelihood", "poisson"], "--likelihood must be one of dmol, bernoulli"),
+    ("train.py", ["--hps", "digits", "--likelihood", "bernoulli"], "needs --pixel_levels 2"),
+    ("train.py", ["--hps", "digits", "--gaussian_std", "-1"], "--gaussian_std must be >= 0"),
     # files: missing, damaged, foreign, another architecture, unwritable
     ("train.py", ["--hps", "digits", "--restore", "/nonexistent/x.pt"], "does not exist"),
     ("train.py", ["--hps", "digits", "--restore", "CORRUPT"], "cannot read checkpoint"),
