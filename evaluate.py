@@ -109,13 +109,13 @@ def kl_per_resolution(model, kl_groups: list[float]) -> dict[str, float]:
 
 def evaluate_checkpoint(weights: str, split_name: str = "test", iw_samples: int = 1, batch_size: int = 64,
                         classify: bool = True, device: str = "auto", seed: int = 0,
-                        use_ema: bool = True, data_root: str | None = None) -> dict:
+                        use_ema: bool = True, data_root: str | None = None, hps: str | None = None) -> dict:
     """Every figure this module reports, as one JSON-ready dict."""
     from sample import load_model  # sample.py owns checkpoint -> model
 
     t0 = time.perf_counter()
     dev = pick_device(device)
-    model, class_names = load_model(weights, dev, use_ema=use_ema)
+    model, class_names = load_model(weights, dev, use_ema=use_ema, hps=hps)
     H = model.H
     data = load_data_for(H, data_root)
     split = {"test": data.test, "valid": data.valid, "train": data.train}[split_name]
@@ -179,7 +179,7 @@ def main(argv: list[str]) -> None:
     if args.iw_samples < 1 or args.n_batch < 1:
         raise UserError("--iw_samples and --n_batch must be >= 1")
     result = evaluate_checkpoint(args.weights, args.split, args.iw_samples, args.n_batch, not args.no_classify,
-                                 args.device, args.seed, not args.raw_weights, args.data_root)
+                                 args.device, args.seed, not args.raw_weights, args.data_root, args.hps)
     print(format_table(result))
     out = Path(args.out) if args.out else Path(result["checkpoint"]).parent / f"eval_{args.split}.json"
     try:

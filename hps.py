@@ -36,6 +36,9 @@ class Hyperparams:
     likelihood: str = _f("dmol", "pixel likelihood: dmol (discretized mixture of logistics), bernoulli (binarized "
                          "data: the training images are binarized afresh each step, held-out ones once with a "
                          "fixed seed) or gaussian (discretized, over the pixel levels)")
+    vdvae_5bit: bool = _f(False, "openai/vdvae's 5-bit FFHQ-256 targets, floor(x/8)*8 scaled by 127.5, so its "
+                          "published checkpoint evaluates to its published number (set by the converter; needs "
+                          "--pixel_levels 32; not a normalised distribution, so not for new runs)")
     gaussian_std: float = _f(0.0, "gaussian likelihood: fixed standard deviation on the [-1, 1] scale (0: learned "
                              "per pixel)")
     # model
@@ -267,6 +270,9 @@ def validate(h: Hyperparams) -> None:
         raise UserError(f"--likelihood must be one of {', '.join(LIKELIHOODS)}, got {h.likelihood!r}")
     if h.likelihood == "bernoulli" and h.pixel_levels != 2:
         raise UserError(f"--likelihood bernoulli models binary pixels: it needs --pixel_levels 2, got {h.pixel_levels}")
+    if h.vdvae_5bit and (h.pixel_levels != 32 or h.likelihood != "dmol"):
+        raise UserError("--vdvae_5bit reproduces openai/vdvae's FFHQ-256 likelihood: it needs --pixel_levels 32 "
+                        "and --likelihood dmol")
     if h.gaussian_std < 0:
         raise UserError(f"--gaussian_std must be >= 0 (0: learned), got {h.gaussian_std}")
     for name in ["max_steps", "eval_every", "warmup_iters", "wd", "augment_shift", "grad_clip",

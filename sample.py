@@ -41,16 +41,17 @@ SAFETENSORS_FORMAT = "vdvae-weights-1"
 MODES = ("grid", "recon", "interp", "explore", "swap")
 
 
-def load_model(weights: str, device: torch.device, use_ema: bool = True) -> tuple[VAE, list[str]]:
-    """Build the model a checkpoint (``.pt``, or an exported ``.safetensors``) describes and load its (EMA)
-    weights; returns it with the class names."""
+def load_model(weights: str, device: torch.device, use_ema: bool = True,
+               hps: str | None = None) -> tuple[VAE, list[str]]:
+    """Build the model a checkpoint describes (ours ``.pt``, an exported ``.safetensors``, or openai/vdvae's
+    ``.th`` with its preset named by ``hps``) and load its (EMA) weights; returns it with the class names."""
     if str(weights).endswith(".safetensors"):
-        state, hps, class_names, attribute_means = load_safetensors(weights)
+        state, hps_dict, class_names, attribute_means = load_safetensors(weights)
     else:
-        ckpt = load_checkpoint(weights)
-        state, hps, class_names = ckpt["ema" if use_ema else "model"], ckpt["hps"], ckpt["class_names"]
+        ckpt = load_any_checkpoint(weights, hps)
+        state, hps_dict, class_names = ckpt["ema" if use_ema else "model"], ckpt["hps"], ckpt["class_names"]
         attribute_means = ckpt.get("attribute_means")
-    model = VAE(Hyperparams.from_dict(hps))
+    model = VAE(Hyperparams.from_dict(hps_dict))
     model.attribute_means = attribute_means  # attribute models: the default setting of each attribute
     try:
         model.load_state_dict(state)
@@ -60,11 +61,26 @@ def load_model(weights: str, device: torch.device, use_ema: bool = True) -> tupl
     return model.to(device).eval(), list(class_names)
 
 
-def export_safetensors(weights: str, out: Path, use_ema: bool = True) -> None:
+def load_any_checkpoint(weights: str, hps: str | None = None) -> dict:
+    """Our checkpoint, or openai/vdvae's ``.th`` state dict converted to one (it needs its preset)."""
+    from convert import checkpoint_from_openai, is_openai_checkpoint
+
+    if is_openai_checkpoint(weights):
+        if not hps:
+            raise UserError(f"{weights} is an openai/vdvae checkpoint: name its preset with --hps "
+                            f"(cifar10, imagenet32, imagenet64, ffhq256 or ffhq1024)")
+        return checkpoint_from_openai(weights, hps)
+    return load_checkpoint(weights)
+
+
+def export_safetensors(weights: str, out: Path, use_ema: bool = True, hps: str | None = None) -> None:
     """Write one set of weights (EMA by default) with the hyperparameters and class names as metadata."""
+    write_safetensors(load_any_checkpoint(weights, hps), out, use_ema)
+
+
+def write_safetensors(ckpt: dict, out: Path, use_ema: bool = True) -> None:
     from safetensors.torch import save_file
 
-    ckpt = load_checkpoint(weights)
     state = {k: v.contiguous() for k, v in ckpt["ema" if use_ema else "model"].items()}
     metadata = {"format": SAFETENSORS_FORMAT, "hps": json.dumps(ckpt["hps"]),
                 "class_names": json.dumps(ckpt["class_names"]), "step": str(ckpt["step"]),
@@ -189,7 +205,8 @@ class Session:
             raise UserError(f"--n_batch must be > 0, got {args.n_batch}")
         self.args = args
         self.device = pick_device(args.device)
-        self.model, self.class_names = load_model(args.weights, self.device, use_ema=not args.raw_weights)
+        self.model, self.class_names = load_model(args.weights, self.device, use_ema=not args.raw_weights,
+                                                  hps=args.hps)
         self.H = self.model.H
         self.conditional = self.H.n_classes > 0
         self.multi_label = self.conditional and self.H.multi_label
@@ -543,7 +560,7 @@ def main(argv: list[str]) -> None:
     if args.mode == "grid" and args.export:
         if not args.export.endswith(".safetensors"):
             raise UserError(f"--export must end in .safetensors, got {args.export!r}")
-        export_safetensors(args.weights, Path(args.export), use_ema=not args.raw_weights)
+        export_safetensors(args.weights, Path(args.export), use_ema=not args.raw_weights, hps=args.hps)
         print(f"wrote {'raw' if args.raw_weights else 'EMA'} weights and settings to {args.export}")
         return
     if args.mode == "grid" and args.n_per_class is not None and args.n_per_class <= 0:

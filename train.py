@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from convert import checkpoint_from_openai, is_openai_checkpoint
 from data import DATASET_PADDING, Data, Split, binarize, epoch_batches, load_data_for, random_shift
 from hps import Hyperparams, parse_args
 from evaluate import evaluate_elbo
@@ -71,7 +72,7 @@ def make_run_dir(H: Hyperparams) -> Path:
         run_dir = Path(H.save_dir)
     elif H.restore == "latest":
         run_dir = Path("weights") / H.hps
-    elif H.restore:
+    elif H.restore and not is_openai_checkpoint(H.restore):
         restore = Path(H.restore)
         run_dir = restore if restore.is_dir() else restore.parent
     else:
@@ -292,6 +293,8 @@ def checkpoint_to_resume(H: Hyperparams, run_dir: Path, warn) -> tuple[Path, dic
     checkpoint that loads, falling back past damaged ones; ``latest`` in a folder without any: a fresh run)."""
     if not H.restore:
         return None
+    if is_openai_checkpoint(H.restore):  # their weights as a starting point (a zero class embedding if conditional)
+        return Path(H.restore), checkpoint_from_openai(H.restore, H.hps, H.n_classes)
     if H.restore != "latest" and not Path(H.restore).is_dir():
         return Path(H.restore), load_checkpoint(H.restore)
     folder = run_dir if H.restore == "latest" else Path(H.restore)
@@ -303,7 +306,7 @@ def checkpoint_to_resume(H: Hyperparams, run_dir: Path, warn) -> tuple[Path, dic
 
 def restore_run(path: Path, ckpt: dict, H: Hyperparams, trainer: Trainer, state: dict) -> None:
     """Load weights, EMA, optimiser, schedule, scaler, counters and RNG state from a checkpoint of the same
-    model."""
+    model (only the weights from a weights-only one, such as a converted openai/vdvae file)."""
     saved = ckpt["hps"]
     differ = [f"{k} ({saved.get(k)!r} there, {getattr(H, k)!r} here)" for k in ARCHITECTURE_FIELDS
               if saved.get(k) != getattr(H, k)]
@@ -311,6 +314,8 @@ def restore_run(path: Path, ckpt: dict, H: Hyperparams, trainer: Trainer, state:
         raise UserError(f"cannot resume {path}: the model differs in {'; '.join(differ)}")
     trainer.model.load_state_dict(ckpt["model"])
     trainer.ema.load_state_dict(ckpt["ema"])
+    if "optimizer" not in ckpt:  # weights only (converted from openai/vdvae): a new run starts from them
+        return
     trainer.optimizer.load_state_dict(ckpt["optimizer"])
     trainer.scheduler.load_state_dict(ckpt["scheduler"])
     if trainer.scaler is not None and ckpt.get("scaler"):
@@ -367,7 +372,8 @@ def main(argv: list[str]) -> None:
         # batch_in_epoch counts global batches: rescale when the number of processes changed
         saved_global = resume[1].get("global_batch", H.n_batch)
         state["batch_in_epoch"] = state["batch_in_epoch"] * saved_global // global_batch
-        log.info(f"resumed from {resume[0]} at step {state['step']}")
+        log.info(f"resumed from {resume[0]} at step {state['step']}" if "optimizer" in resume[1] else
+                 f"initialised from the weights of {resume[0]}; a new run starts at step 0")
     elif H.restore == "latest":
         log.info(f"--restore latest: no checkpoint in {run_dir} yet, starting a fresh run")
 

@@ -49,6 +49,8 @@ def checkpoint_script_parser(description: str) -> CliParser:
 def add_checkpoint_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--weights", default="weights/weights.pt", help="checkpoint file or run folder")
     p.add_argument("--raw_weights", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--hps", default=None, help="the preset of an openai/vdvae .th checkpoint (cifar10, imagenet32, "
+                   "imagenet64, ffhq256, ffhq1024); our own checkpoints carry theirs")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")

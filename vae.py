@@ -306,6 +306,8 @@ class VAE(nn.Module):
         """uint8 images (B, C, H, W) in 0..255 -> (encoder input, likelihood target in [-1, 1])."""
         x = images.float()
         enc_in = (x + self.H.data_shift) * self.H.data_scale
+        if self.H.vdvae_5bit:  # openai/vdvae's FFHQ-256: 8 * floor(x / 8), scaled as 8-bit data (top level 0.945)
+            return enc_in, torch.floor(x / 8.0) * (8.0 / 127.5) - 1.0
         levels = self.H.pixel_levels - 1
         target = torch.round(x * (levels / 255.0)) * (2.0 / levels) - 1.0
         return enc_in, target
