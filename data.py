@@ -334,20 +334,23 @@ def _read_cifar_batch(path: Path, label_key: bytes = b"labels", what: str = "CIF
     return images, labels
 
 
-def _ensure_cifar10(root: Path) -> Path:
-    folder = root / CIFAR10_FOLDER
-    if not _missing(folder, CIFAR10_TRAIN_FILES + [CIFAR10_TEST_FILE, "batches.meta"]):
+def _ensure_cifar(root: Path, folder_name: str, files: list[str], name: str, archive: str) -> Path:
+    """The extracted CIFAR folder in ``root``, downloaded there through torchvision when files are missing."""
+    folder = root / folder_name
+    if not _missing(folder, files):
         return folder
     import torchvision
 
-    _download("CIFAR-10", folder, lambda: torchvision.datasets.CIFAR10(str(root), train=True, download=True),
-              f"put cifar-10-python.tar.gz from {CIFAR_URL}, extracted, at {folder}")
+    dataset = torchvision.datasets.CIFAR10 if name == "CIFAR-10" else torchvision.datasets.CIFAR100
+    _download(name, folder, lambda: dataset(str(root), train=True, download=True),
+              f"put {archive} from {CIFAR_URL}, extracted, at {folder}")
     return folder
 
 
 def load_cifar10(root: Path) -> Data:
     """CIFAR-10 from the official python batches (downloading them into ``root`` when absent)."""
-    folder = _ensure_cifar10(root)
+    folder = _ensure_cifar(root, CIFAR10_FOLDER, CIFAR10_TRAIN_FILES + [CIFAR10_TEST_FILE, "batches.meta"],
+                           "CIFAR-10", "cifar-10-python.tar.gz")
     parts = [_read_cifar_batch(folder / f) for f in CIFAR10_TRAIN_FILES]
     train_x = np.concatenate([p[0] for p in parts])
     train_y = np.concatenate([p[1] for p in parts])
@@ -360,20 +363,9 @@ def load_cifar10(root: Path) -> Data:
     return _in_memory((train_x, train_y), rows, (test_x, test_y), names)
 
 
-def _ensure_cifar100(root: Path) -> Path:
-    folder = root / CIFAR100_FOLDER
-    if not _missing(folder, ["train", "test", "meta"]):
-        return folder
-    import torchvision
-
-    _download("CIFAR-100", folder, lambda: torchvision.datasets.CIFAR100(str(root), train=True, download=True),
-              f"put cifar-100-python.tar.gz from {CIFAR_URL}, extracted, at {folder}")
-    return folder
-
-
 def load_cifar100(root: Path) -> Data:
     """CIFAR-100 (fine labels) from the official python pickles, split 45,000 / 5,000 / 10,000 like CIFAR-10."""
-    folder = _ensure_cifar100(root)
+    folder = _ensure_cifar(root, CIFAR100_FOLDER, ["train", "test", "meta"], "CIFAR-100", "cifar-100-python.tar.gz")
     train_x, train_y = _read_cifar_batch(folder / "train", b"fine_labels", "CIFAR-100")
     test_x, test_y = _read_cifar_batch(folder / "test", b"fine_labels", "CIFAR-100")
     names = _names(_read_pickle(folder / "meta", "CIFAR-100").get(b"fine_label_names", []))
