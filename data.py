@@ -40,6 +40,10 @@ tiny (tests), a hold-out of K images becomes a tenth of the training images (at 
   ``test/`` sub-folders: then those, with ``valid/`` (or ``val/``) as validation when present, else the test.
 - ``digits``: scikit-learn's bundled 8x8 digits (17 grey levels 0..16, written as round(v * 255 / 16)),
   a stratified 80/20 train/test split with seed 0; the test split doubles as the validation split.
+
+``load_data_for(H)`` is what the entry points call: the dataset at the size the model's decoder ends at, with
+held-out splits binarized once for ``--likelihood bernoulli`` (``binarize`` draws the training images' fresh
+binarization every step).
 """
 from __future__ import annotations
 
