@@ -21,13 +21,12 @@ from pathlib import Path
 
 import torch
 
-from hps import PRESETS, Hyperparams, hparams_from_preset
+from hps import DATASET_IMAGES, Hyperparams, hparams_from_preset
 from utils import (CHECKPOINT_FORMAT, CliParser, UserError, atomic_torch_save, run_cli)
 from vae import VAE
 
-# openai/vdvae's datasets: image size and channels, and the class names their hps do not carry
-PRESET_IMAGES = {"cifar10": (32, 3), "imagenet32": (32, 3), "imagenet64": (64, 3), "ffhq256": (256, 3),
-                 "ffhq1024": (1024, 3)}
+# the presets openai/vdvae published checkpoints for, and the class names their hps do not carry
+OPENAI_PRESETS = ("cifar10", "imagenet32", "imagenet64", "ffhq256", "ffhq1024")
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -37,11 +36,11 @@ def is_openai_checkpoint(path: str | Path) -> bool:
 
 def openai_hparams(preset: str, n_classes: int = 0) -> Hyperparams:
     """The preset's hyperparameters for one of openai/vdvae's models, with the image fields filled in."""
-    if preset not in PRESET_IMAGES:
+    if preset not in OPENAI_PRESETS:
         raise UserError(f"--hps {preset!r} has no openai/vdvae checkpoint; they exist for "
-                        f"{', '.join(PRESET_IMAGES)}")
+                        f"{', '.join(OPENAI_PRESETS)}")
     h = hparams_from_preset(preset, {"n_classes": n_classes, "vdvae_5bit": preset == "ffhq256"})
-    h.image_size, h.image_channels = PRESET_IMAGES[preset]
+    h.image_size, h.image_channels = DATASET_IMAGES[preset]
     return h
 
 
@@ -103,7 +102,7 @@ def checkpoint_from_openai(path: str | Path, preset: str, n_classes: int = 0) ->
 def build_parser() -> CliParser:
     p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="openai/vdvae's *-model.th or *-model-ema.th")
-    p.add_argument("--hps", required=True, choices=[k for k in PRESETS if k in PRESET_IMAGES],
+    p.add_argument("--hps", required=True, choices=OPENAI_PRESETS,
                    help="the preset the checkpoint was trained with")
     p.add_argument("--out", required=True, help="our checkpoint (.pt) or exported weights (.safetensors)")
     p.add_argument("--n_classes", type=int, default=0, help="0: as trained; the dataset's class count: a "

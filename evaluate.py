@@ -46,7 +46,7 @@ def evaluate_elbo(model, split: Split, batch_size: int, device: torch.device, se
                            out["kl_groups"].double() * n])
     model.train(was_training)
     loss, recon, kl, count, *groups = dist.all_reduce(sums).tolist()
-    dims = model.decoder.out_net.scored_dims(split.images[:1])
+    dims = model.decoder.out_net.scored_dims(split.images.shape[1:])
     return {"loss": loss / count, "recon": recon / count, "kl": kl / count,
             "nats_per_image": loss / count * dims * math.log(2.0),  # how binarized MNIST is reported
             "kl_groups": [g / count for g in groups],
@@ -63,7 +63,7 @@ def importance_weighted_bpd(model, split: Split, k: int, batch_size: int, device
     """
     model.eval()
     conditional = model.H.n_classes > 0
-    ndims = model.decoder.out_net.scored_dims(split.images[:1])
+    ndims = model.decoder.out_net.scored_dims(split.images.shape[1:])
     images_per_chunk = max(1, batch_size // k)
     bounds = []
     with seeded(device, seed):

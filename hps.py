@@ -115,6 +115,10 @@ class Hyperparams:
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# (image size, channels) of each dataset as its preset trains it, for code that builds a model without data
+DATASET_IMAGES = {"cifar10": (32, 3), "digits": (8, 1), "mnist": (32, 1), "cifar100": (32, 3), "svhn": (32, 3),
+                  "celeba64": (64, 3), "imagenet32": (32, 3), "imagenet64": (64, 3), "ffhq256": (256, 3),
+                  "ffhq1024": (1024, 3), "folder": (64, 3)}
 GRAD_CHECKPOINTS = ("none", "gelu", "blocks")
 _FIELD_NAMES = frozenset(f.name for f in fields(Hyperparams))
 SETTABLE = [f for f in fields(Hyperparams) if not f.metadata["derived"]]

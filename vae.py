@@ -185,9 +185,9 @@ class OutputNet(nn.Module):
                                                shared_noise=shared_noise)
         return dmol_sample(params, self.channels, self.levels, self.num_mixtures, shared_noise=shared_noise)
 
-    def scored_dims(self, images: torch.Tensor) -> float:
-        """Dimensions the likelihood scores per image (bits/dim divides by these)."""
-        c, h, w = images.shape[1:]
+    def scored_dims(self, image_shape: Sequence[int]) -> float:
+        """Dimensions the likelihood scores per image of shape (C, H, W) (bits/dim divides by these)."""
+        c, h, w = image_shape
         return float(c * (h - 2 * self.pad) * (w - 2 * self.pad))
 
 
@@ -326,7 +326,7 @@ class VAE(nn.Module):
         enc_in, target = self.preprocess(images)
         activations = self.encoder(enc_in)
         px_z, stats = self.decoder(activations, labels)
-        ndims = self.decoder.out_net.scored_dims(images)  # MNIST: its 28x28, not the padded 32x32
+        ndims = self.decoder.out_net.scored_dims(images.shape[1:])  # MNIST: its 28x28, not the padded 32x32
         recon_nats = self.decoder.out_net.nll(px_z, target)  # (B,)
         kl_groups = torch.stack([s["kl"].sum(dim=(1, 2, 3)) for s in stats], dim=1)  # (B, G)
         kl_nats = kl_groups.sum(dim=1)

@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hps import hparams_from_preset  # noqa: E402
+from hps import DATASET_IMAGES, hparams_from_preset  # noqa: E402
 from train import Trainer  # noqa: E402
 from utils import UserError, autocast, pick_device, run_cli  # noqa: E402
 
@@ -146,9 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-PRESET_IMAGE = {"cifar10": (32, 3), "digits": (8, 1), "mnist": (32, 1), "cifar100": (32, 3), "svhn": (32, 3),
-                "celeba64": (64, 3), "imagenet32": (32, 3), "imagenet64": (64, 3), "ffhq256": (256, 3),
-                "ffhq1024": (1024, 3), "folder": (64, 3)}
 
 
 def main(argv: list[str]) -> None:
@@ -158,7 +155,7 @@ def main(argv: list[str]) -> None:
     if min(args.n_batch, args.n_batch_sample, args.steps, args.sample_reps) <= 0 or args.warmup < 0:
         raise UserError("--n_batch, --n_batch_sample, --steps and --sample_reps must be > 0")
     H = hparams_from_preset(args.hps)
-    size, channels = PRESET_IMAGE.get(H.dataset, (None, None))
+    size, channels = DATASET_IMAGES.get(H.dataset, (None, None))
     args.image_size = args.image_size or size
     args.image_channels = args.image_channels or channels
     if args.worker:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import run
-from convert import PRESET_IMAGES, checkpoint_from_openai, convert_state_dict, openai_hparams
+from convert import OPENAI_PRESETS, checkpoint_from_openai, convert_state_dict, openai_hparams
 from test_data import write_cifar10
 from utils import UserError
 from vae import VAE
@@ -65,7 +65,7 @@ def fake_state(preset: str, prefix: str = "") -> dict[str, torch.Tensor]:
     return {prefix + k: torch.zeros(shape) for k, shape in openai_state_shapes(preset).items()}
 
 
-@pytest.mark.parametrize("preset", PRESET_IMAGES)
+@pytest.mark.parametrize("preset", OPENAI_PRESETS)
 def test_each_presets_openai_key_set_converts_with_nothing_missing_or_unexpected(preset):
     state = fake_state(preset, prefix="module.")  # as DistributedDataParallel saved it
     converted = convert_state_dict(state, openai_hparams(preset))
