@@ -314,10 +314,30 @@ CIFAR100_FOLDER = "cifar-100-python"
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 
 
+# What the CIFAR python pickles hold (dicts, lists, bytes, numbers and numpy arrays) and nothing else: a crafted file in
+# --data_root cannot name a callable such as os.system. numpy 2 renamed numpy.core to numpy._core.
+_PICKLE_GLOBALS = {
+    **{(module, name): None for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+       for name in ("_reconstruct", "scalar")},
+    **{(module, "_frombuffer"): None for module in ("numpy.core.numeric", "numpy._core.numeric")},  # protocol 5
+    ("numpy", "ndarray"): None, ("numpy", "dtype"): None, ("_codecs", "encode"): None,
+}
+
+
+class _DatasetUnpickler(pickle.Unpickler):
+    """An unpickler that admits only the types dataset batch files are made of."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: dataset files hold only arrays and "
+                                         f"plain values")
+        return super().find_class(module, name)
+
+
 def _read_pickle(path: Path, what: str = "CIFAR-10") -> dict:
     try:
         with open(path, "rb") as fh:
-            content = pickle.load(fh, encoding="bytes")
+            content = _DatasetUnpickler(fh, encoding="bytes").load()
     except Exception as err:  # noqa: BLE001 - unpickling damaged bytes can raise almost anything
         raise UserError(f"cannot read {what} file {path}: {_reason(err)}") from None
     if not isinstance(content, dict):

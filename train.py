@@ -31,15 +31,17 @@ from evaluate import evaluate_elbo
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from utils import (CHECKPOINT_FORMAT, Dist, NullLogger, RunLogger, UserError, atomic_torch_save, autocast,
-                   init_distributed, keep_copy, load_checkpoint, load_newest_checkpoint, resolve_channels_last,
-                   resolve_precision, run_cli, save_grid, seeded)
+                   end_distributed, init_distributed, keep_copy, load_checkpoint, load_newest_checkpoint,
+                   remove_stale_temporaries, resolve_channels_last, resolve_precision, run_cli, save_grid, seeded)
 from vae import VAE, count_parameters
 from vae_helpers import parse_layer_string
 
-# Fields that fix the shapes of the weights: a checkpoint resumes only into the same values.
-ARCHITECTURE_FIELDS = ["dataset", "image_size", "image_channels", "pixel_levels", "n_classes", "width",
-                       "custom_width_str", "enc_blocks", "dec_blocks", "zdim", "bottleneck_multiple",
-                       "num_mixtures", "no_bias_above"]
+# Fields that fix the shapes of the weights or what the model computes from them (its input normalisation,
+# likelihood and targets): a checkpoint resumes only into the same values.
+MODEL_FIELDS = ["dataset", "image_size", "image_channels", "pixel_levels", "n_classes", "width",
+                "custom_width_str", "enc_blocks", "dec_blocks", "zdim", "bottleneck_multiple", "num_mixtures",
+                "no_bias_above", "likelihood", "gaussian_std", "data_shift", "data_scale", "vdvae_5bit", "pad",
+                "multi_label"]
 
 
 def on_device_if_small(split: Split, device: torch.device, max_bytes: int = 2 << 30) -> Split:
@@ -65,28 +67,28 @@ def derive_from_data(H: Hyperparams, data: Data) -> None:
         raise UserError(f"--dec_blocks must end at the image size {H.image_size}, ends at {top_res}")
 
 
-def make_run_dir(H: Hyperparams) -> Path:
-    """The run folder: --save_dir, the folder of a restored checkpoint (weights/<hps> for ``--restore latest``),
-    or a new weights/<hps>[-N]."""
+def choose_run_dir(H: Hyperparams) -> Path:
+    """The run folder (not created here): --save_dir, the folder of a restored checkpoint (weights/<hps> for
+    ``--restore latest``), or a new weights/<hps>[-N]."""
     if H.save_dir:
-        run_dir = Path(H.save_dir)
-    elif H.restore == "latest":
-        run_dir = Path("weights") / H.hps
-    elif H.restore and not is_openai_checkpoint(H.restore):
+        return Path(H.save_dir)
+    if H.restore == "latest":
+        return Path("weights") / H.hps
+    if H.restore and not is_openai_checkpoint(H.restore):
         restore = Path(H.restore)
-        run_dir = restore if restore.is_dir() else restore.parent
-    else:
-        run_dir = Path("weights") / H.hps
-        n = 2
-        while (run_dir / "latest.pt").exists():  # never overwrite an earlier run
-            run_dir = Path("weights") / f"{H.hps}-{n}"
-            n += 1
+        return restore if restore.is_dir() else restore.parent
+    run_dir, n = Path("weights") / H.hps, 2
+    while (run_dir / "latest.pt").exists():  # never overwrite an earlier run
+        run_dir = Path("weights") / f"{H.hps}-{n}"
+        n += 1
+    return run_dir
+
+
+def create_run_dir(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"cannot create run folder {run_dir}: {err.strerror}") from None
-    H.save_dir = str(run_dir)
-    return run_dir
 
 
 def lr_factor(H: Hyperparams, step: int) -> float:
@@ -304,14 +306,19 @@ def checkpoint_to_resume(H: Hyperparams, run_dir: Path, warn) -> tuple[Path, dic
     return found
 
 
+def check_same_model(path: Path, ckpt: dict, H: Hyperparams) -> None:
+    """A checkpoint resumes only into a model that computes the same function: every field of MODEL_FIELDS
+    must match (a missing field in an older checkpoint counts as its default)."""
+    saved = {**Hyperparams().to_dict(), **ckpt["hps"]}
+    differ = [f"--{k} ({saved[k]!r} there, {getattr(H, k)!r} here)" for k in MODEL_FIELDS if saved[k] != getattr(H, k)]
+    if differ:
+        raise UserError(f"cannot resume {path}: the model differs in {'; '.join(differ)}")
+
+
 def restore_run(path: Path, ckpt: dict, H: Hyperparams, trainer: Trainer, state: dict) -> None:
     """Load weights, EMA, optimiser, schedule, scaler, counters and RNG state from a checkpoint of the same
     model (only the weights from a weights-only one, such as a converted openai/vdvae file)."""
-    saved = ckpt["hps"]
-    differ = [f"{k} ({saved.get(k)!r} there, {getattr(H, k)!r} here)" for k in ARCHITECTURE_FIELDS
-              if saved.get(k) != getattr(H, k)]
-    if differ:
-        raise UserError(f"cannot resume {path}: the model differs in {'; '.join(differ)}")
+    check_same_model(path, ckpt, H)
     trainer.model.load_state_dict(ckpt["model"])
     trainer.ema.load_state_dict(ckpt["ema"])
     if "optimizer" not in ckpt:  # weights only (converted from openai/vdvae): a new run starts from them
@@ -329,17 +336,41 @@ def restore_run(path: Path, ckpt: dict, H: Hyperparams, trainer: Trainer, state:
 
 class StopSignal:
     """SIGINT or SIGTERM (a cluster's notice of pre-emption) asks the loop to save and exit after the current
-    step; the handler is then taken away, so a second signal stops the process at once."""
+    step; the handler is then taken away, so a second signal stops the process at once.
+
+    Under torchrun the signal may reach one rank, or reach them at different steps, while all must save and leave
+    at the same step. Each step every rank posts what it received to a non-blocking all-reduce (max) on a gloo
+    group of its own, which works beside NCCL on CPU tensors, and reads the previous step's result: every rank
+    learns of a signal one or two steps after it arrived, with no device synchronisation. torchrun and SLURM send
+    SIGKILL some 30 s after SIGTERM, so waiting for a log step (100 steps of cifar10) was too late."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, dist: Dist | None = None):
         self.received: int | None = None
+        self.world = (dist or Dist()).world
+        self._group = torch.distributed.new_group(backend="gloo") if self.world > 1 else None
+        self._pending: tuple | None = None  # (work, flag) of the previous step's vote
         self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame) -> None:
         self.received = signum
         signal.signal(signum, signal.SIG_DFL)
+
+    def agreed(self) -> int | None:
+        """The signal to stop on, the same on every rank (None: carry on); call once per step on every rank."""
+        if self.world == 1:
+            return self.received
+        result = None
+        if self._pending is not None:
+            work, flag = self._pending
+            work.wait()
+            result = int(flag) or None
+        flag = torch.tensor(self.received or 0)
+        work = torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._group,
+                                            async_op=True)
+        self._pending = (work, flag)
+        return result
 
     def close(self) -> None:
         for s, handler in self._previous.items():
@@ -347,26 +378,52 @@ class StopSignal:
 
 
 def main(argv: list[str]) -> None:
-    # ---- settings, data, run folder -----------------------------------------------------------
     H, _ = parse_args(argv, __doc__)
     dist, device = init_distributed(H.device)  # torchrun: one process per device; else one process
+    completed = False
+    try:
+        train(H, dist, device)
+        completed = True
+    finally:  # every way out leaves the process group: a normal end, a signal, too many skips, an error
+        end_distributed(dist, completed)
+
+
+def train(H: Hyperparams, dist: Dist, device: torch.device) -> None:
+    # ---- settings, data, run folder -----------------------------------------------------------
     torch.manual_seed(H.seed)
     np.random.seed(H.seed)
-    data = load_data_for(H)  # binarized held-out splits for --likelihood bernoulli
+    # the first process of each node downloads or converts the data, the others then read what it wrote
+    data = load_data_for(H) if dist.local_rank == 0 else None  # binarized held-out splits for bernoulli
+    dist.barrier()
+    data = data or load_data_for(H)
     derive_from_data(H, data)
+    global_batch = H.n_batch * dist.world * H.grad_accum  # images per update
+    if len(data.train) < global_batch:
+        raise UserError(f"the global batch (--n_batch {H.n_batch} x {dist.world} processes x --grad_accum "
+                        f"{H.grad_accum}) is larger than the training set ({len(data.train)} images)")
     user_chose_folder = bool(H.save_dir or H.restore)
-    run_dir = Path(dist.broadcast(str(make_run_dir(H)) if dist.main else None))  # rank 0 picks, all agree
+    run_dir = Path(dist.broadcast(str(choose_run_dir(H)) if dist.main else None))  # rank 0 picks, all agree
     H.save_dir = str(run_dir)
+    # what --restore names is read and checked against this model before anything is written
+    warnings: list[str] = []
+    resume = checkpoint_to_resume(H, run_dir, warnings.append)
+    if resume is not None:
+        check_same_model(*resume, H)
+    if dist.main:
+        create_run_dir(run_dir)
     log = RunLogger(run_dir, echo=tqdm.write) if dist.main else NullLogger()  # rank 0 alone writes
+    for warning in warnings:
+        log.info(warning)
+    if dist.main:
+        for tmp in remove_stale_temporaries(run_dir):
+            log.info(f"removed {tmp.name}, a checkpoint left half-written by a process that was killed while saving")
     conditional = H.n_classes > 0
 
     # ---- model, EMA, optimiser ----------------------------------------------------------------
     trainer = Trainer(H, device, dist=dist)
-    global_batch = H.n_batch * dist.world * H.grad_accum  # images per update
     model, ema = trainer.model, trainer.ema
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped": 0,
              "attribute_means": data.train.labels.float().mean(0).tolist() if data.multi_label else None}
-    resume = checkpoint_to_resume(H, run_dir, log.info)
     if resume is not None:
         restore_run(*resume, H, trainer, state)
         # batch_in_epoch counts global batches: rescale when the number of processes changed
@@ -408,9 +465,6 @@ def main(argv: list[str]) -> None:
 
     # ---- the loop -----------------------------------------------------------------------------
     steps_per_epoch = len(data.train) // global_batch
-    if steps_per_epoch == 0:
-        raise UserError(f"the global batch (--n_batch {H.n_batch} x {dist.world} processes x --grad_accum "
-                        f"{H.grad_accum}) is larger than the training set ({len(data.train)} images)")
     total = min(H.max_steps or math.inf, H.num_epochs * steps_per_epoch)
     bar = tqdm(total=total, initial=state["step"], desc="train", dynamic_ncols=True, mininterval=1.0,
                file=sys.stderr, disable=not dist.main)
@@ -418,8 +472,8 @@ def main(argv: list[str]) -> None:
     skipped = torch.tensor(state["skipped"], device=device)  # read back only when logged or saved
     skip_run = torch.zeros((), dtype=torch.long, device=device)  # updates skipped in a row, and the longest
     longest_skip_run = torch.zeros((), dtype=torch.long, device=device)
-    check_every = min(H.log_every, H.skip_limit) if H.skip_limit else H.log_every
-    stop = StopSignal()
+    check_every = min(H.log_every, H.skip_limit) if H.skip_limit else H.log_every  # reading skips costs a sync
+    stop = StopSignal(dist)
     train_images = on_device_if_small(data.train, device)
     start_time = time.perf_counter()
     model.train()
@@ -451,14 +505,12 @@ def main(argv: list[str]) -> None:
                                     f"(non-finite loss or gradient, or gradient norm >= --skip_threshold); {path} "
                                     f"holds the last good weights. Lower --lr, raise --skip_threshold or "
                                     f"--skip_limit, or check the data")
-                if step % check_every == 0 and dist.world > 1:  # a signal stops all ranks at the same step
-                    flag = torch.tensor(stop.received or 0, device=device)
-                    stop.received = int(dist.all_reduce(flag, op="max")) or None
-                if stop.received is not None and (dist.world == 1 or step % check_every == 0):
+                received = stop.agreed()  # the same answer on every rank, at most two steps after the signal
+                if received is not None:
                     path = save()
-                    name = signal.Signals(stop.received).name
+                    name = signal.Signals(received).name
                     log.info(f"{name} at step {step}: saved {path}; resume with --save_dir {run_dir} --restore latest")
-                    sys.exit(128 + stop.received)
+                    sys.exit(128 + received)
                 if H.eval_every and step % H.eval_every == 0 and step < total:
                     run_eval("valid", data.valid)
                 if step % H.save_every == 0 and step < total:
@@ -482,9 +534,7 @@ def main(argv: list[str]) -> None:
     log.info(f"trained to step {state['step']} in {train_seconds:.0f} s ({state['skipped']} updates skipped); "
              f"checkpoint {run_dir / 'latest.pt'}")
     result = run_eval("test", data.test)
-    if dist.world > 1:
-        torch.distributed.destroy_process_group()
-    if not dist.main:
+    if not dist.main:  # rank 0 alone draws the samples; the others wait for it in end_distributed
         return
     with autocast(device, trainer.amp_dtype):
         rows, row_names = grid_rows(H, data)

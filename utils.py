@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 CHECKPOINT_FORMAT = "vdvae-checkpoint-1"
+_JOINED_PROCESS_GROUP = False  # set by init_distributed: this process took part in a torchrun job
 
 
 class UserError(Exception):
@@ -19,18 +20,56 @@ class UserError(Exception):
 
 
 def run_cli(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
-    """Run ``main``; user errors become one line on stderr and exit 2 (tracebacks only with --debug)."""
+    """Run ``main``; user errors become one line on stderr and exit 2 (tracebacks only with --debug).
+
+    A process that took part in a torchrun job leaves through ``exit_without_finalizing`` (see there)."""
     argv = sys.argv[1:] if argv is None else argv
     try:
-        main(argv)
-    except UserError as err:
-        if "--debug" in argv:
+        try:
+            main(argv)
+        except UserError as err:
+            if "--debug" in argv:
+                traceback.print_exc()
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+            sys.stderr.close()
+            sys.exit(1)
+    except SystemExit as stop:
+        if _JOINED_PROCESS_GROUP:
+            exit_without_finalizing(stop.code)
+        raise
+    except BaseException:
+        if _JOINED_PROCESS_GROUP:
             traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
-        sys.stderr.close()
-        sys.exit(1)
+            exit_without_finalizing(1)
+        raise
+    if _JOINED_PROCESS_GROUP:
+        exit_without_finalizing(0)
+
+
+def exit_without_finalizing(code: int | str | None) -> None:
+    """End a process that used torch.distributed with ``code``, skipping the interpreter's finalization.
+
+    Why: gloo runs each collective on a worker thread of its own, and that thread drops its reference to a finished
+    collective (and to the tensors it reduced) a moment after the caller's ``wait`` returns. When that reference is
+    the last one to a tensor that Python already let go of, dropping it takes the GIL. If the interpreter is
+    finalizing by then, Python ends the thread with pthread_exit, whose forced unwind meets a noexcept frame:
+    ``terminate called without an active exception`` and SIGABRT, though the work was done (issue 20; the core dump
+    showed exactly this stack). DistributedDataParallel keeps the process group, and so its worker threads, alive
+    past ``destroy_process_group``, so they cannot be joined first. Everything this project writes is already
+    flushed and closed when this runs (logs, metrics, fsync'd checkpoints); only the standard streams remain."""
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed (a broken pipe) or gone
+            pass
+    os._exit(code)
 
 
 class CliParser(argparse.ArgumentParser):
@@ -97,8 +136,8 @@ def resolve_precision(name: str, device):
 
     if name == "fp32" or (name == "auto" and device.type != "cuda"):
         return None
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name == "auto":  # native bf16 only (Ampere and later): V100 and T4 emulate it slowly, fp16 is theirs
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
@@ -134,6 +173,13 @@ class Dist:
             value = box[0]
         return value
 
+    def barrier(self) -> None:
+        """Wait until every rank reaches this point (a no-op in one process)."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
     def all_reduce(self, tensor, op: str = "sum"):
         """In-place sum or max over ranks (a no-op in one process)."""
         if self.world > 1:
@@ -161,7 +207,21 @@ def init_distributed(device_name: str):
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
+    global _JOINED_PROCESS_GROUP
+    _JOINED_PROCESS_GROUP = True
     return Dist(rank, world, local_rank), device
+
+
+def end_distributed(dist: Dist, completed: bool) -> None:
+    """The end of a torchrun job on this rank. After a run that ``completed``, wait at a barrier, so that no rank
+    leaves while another still needs it (rank 0 samples alone at the end), then leave the process groups. After a
+    stop or a failure, touch nothing: destroying a group can wait for a collective that the other ranks will never
+    join, and the process exits at once (run_cli), with its status, so that torchrun stops the others."""
+    import torch.distributed as torch_dist
+
+    if dist.world > 1 and completed and torch_dist.is_initialized():
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()
 
 
 @contextlib.contextmanager
@@ -283,13 +343,52 @@ def atomic_torch_save(obj: Any, path: Path, keep_previous: bool = False) -> None
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
-        if keep_previous and path.exists():
-            os.replace(path, path.with_name("previous.pt"))
+        if keep_previous and path.exists():  # a second name for the old file: ``path`` never goes missing
+            _link_or_copy(path, path.with_name("previous.pt"))
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     _fsync_dir(path.parent)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Make ``target`` the same file as ``source`` (a hard link, or a copy where links are not allowed),
+    replacing whatever ``target`` was in one rename."""
+    import shutil
+
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete the half-written ``.NAME.tmp-PID`` files that a process killed while saving left in ``run_dir``
+    (those whose PID is no process on this machine); returns them."""
+    removed = []
+    for tmp in Path(run_dir).glob(".*.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid() or _process_alive(int(pid)):
+            continue
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:
+            pass
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # somebody else's process
+        return True
+    return True
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -307,15 +406,8 @@ def _fsync_dir(folder: Path) -> None:
 def keep_copy(latest: Path, step: int, keep_last: int) -> Path:
     """Keep ``latest`` as ``step-N.pt`` (a hard link where possible: no second write), then delete all but the
     newest ``keep_last`` of those (0: keep all)."""
-    import shutil
-
     kept = latest.with_name(f"step-{step:08d}.pt")
-    tmp = kept.with_name(f".{kept.name}.tmp-{os.getpid()}")
-    try:
-        os.link(latest, tmp)
-    except OSError:
-        shutil.copyfile(latest, tmp)
-    os.replace(tmp, kept)
+    _link_or_copy(latest, kept)
     if keep_last > 0:
         for old in sorted(latest.parent.glob("step-*.pt"))[:-keep_last]:
             old.unlink()

@@ -317,15 +317,17 @@ class VAE(nn.Module):
         return torch.round(levels.float() * (255.0 / (self.H.pixel_levels - 1))).to(torch.uint8)
 
     # ---- the ELBO -----------------------------------------------------------------------------
-    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None,
+                noises: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Negative ELBO of uint8 ``images``: per-image bits/dim split into reconstruction and KL.
 
         Returns means over the batch (``loss``, ``recon``, ``kl`` in bits/dim, ``loss_nats`` for the
-        optimiser) and per-image vectors (``loss_per_image``), plus per-group KL (``kl_groups``).
+        optimiser) and per-image vectors (``loss_per_image``), plus per-group KL (``kl_groups``). ``noises``
+        (one tensor per latent group) fixes the standard-normal noise of the posterior draws.
         """
         enc_in, target = self.preprocess(images)
         activations = self.encoder(enc_in)
-        px_z, stats = self.decoder(activations, labels)
+        px_z, stats = self.decoder(activations, labels, noises=noises)
         ndims = self.decoder.out_net.scored_dims(images.shape[1:])  # MNIST: its 28x28, not the padded 32x32
         recon_nats = self.decoder.out_net.nll(px_z, target)  # (B,)
         kl_groups = torch.stack([s["kl"].sum(dim=(1, 2, 3)) for s in stats], dim=1)  # (B, G)
@@ -342,14 +344,15 @@ class VAE(nn.Module):
         }
 
     @torch.no_grad()
-    def log_importance_weights(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def log_importance_weights(self, images: torch.Tensor, labels: torch.Tensor | None = None,
+                               noises: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """One posterior draw per image: log p(x|z,y) + log p(z|y) - log q(z|x,y) in nats, shape (B,).
 
         The mean over draws is the ELBO; log-mean-exp over K draws is the importance-weighted bound
         (Burda et al. 2016), which tightens towards log p(x|y) as K grows.
         """
         enc_in, target = self.preprocess(images)
-        px_z, stats = self.decoder(self.encoder(enc_in), labels, log_ratio=True)
+        px_z, stats = self.decoder(self.encoder(enc_in), labels, log_ratio=True, noises=noises)
         log_px_z = -self.decoder.out_net.nll(px_z, target)
         return log_px_z - sum(s["log_ratio"].sum(dim=(1, 2, 3)) for s in stats)
 

@@ -95,10 +95,19 @@ BAD_INPUTS = [
     ("train.py", ["--hps", "digits", "--gaussian_std", "-1"], "--gaussian_std must be >= 0"),
     # files: missing, damaged, foreign, another architecture, unwritable
     ("train.py", ["--hps", "digits", "--restore", "/nonexistent/x.pt"], "does not exist"),
-    ("train.py", ["--hps", "digits", "--restore", "CORRUPT"], "cannot read checkpoint"),
+    ("train.py", ["--hps", "digits", "--restore", "/nonexistent/x.pt", "--save_dir", "OUTDIR"], "does not exist"),
+    ("train.py", ["--hps", "digits", "--restore", "CORRUPT", "--save_dir", "OUTDIR"], "cannot read checkpoint"),
     ("train.py", ["--hps", "digits", "--restore", "EMPTYDIR"], "holds no checkpoint"),
     ("train.py", ["--hps", "digits", "--width", "32", "--restore", "RUN", "--save_dir", "OUTDIR"],
-     "the model differs in width (16 there, 32 here)"),
+     "the model differs in --width (16 there, 32 here)"),
+    ("train.py", ["--hps", "digits", "--likelihood", "gaussian", "--restore", "RUN", "--save_dir", "OUTDIR"],
+     "--likelihood ('dmol' there, 'gaussian' here)"),
+    ("train.py", ["--hps", "digits", "--likelihood", "gaussian", "--gaussian_std", "0.1", "--restore", "RUN"],
+     "--gaussian_std (0.0 there, 0.1 here)"),
+    ("train.py", ["--hps", "digits", "--data_shift", "-70", "--restore", "RUN", "--save_dir", "OUTDIR"],
+     "--data_shift (-78.0 there, -70.0 here)"),
+    ("train.py", ["--hps", "digits", "--data_scale", "0.5", "--restore", "RUN", "--save_dir", "OUTDIR"],
+     "--data_scale"),
     ("train.py", ["--hps", "digits", "--save_dir", "/proc/no/such/run"], "cannot create run folder"),
     ("sample.py", ["--weights", "/nonexistent/x.pt"], "does not exist"),
     ("sample.py", ["--weights", "CORRUPT"], "cannot read checkpoint"),
@@ -170,7 +179,8 @@ def test_bad_input_is_one_line_and_exit_2(trained_run, bad_files, tmp_path, scri
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr
     assert snapshot(run_dir) == before
-    assert not [p for p in tmp_path.iterdir() if p.suffix in (".png", ".npz", ".gif")]
+    # nothing written where it ran: no picture, no run folder (OUTDIR, weights/digits) that did not exist before
+    assert not list(tmp_path.iterdir())
 
 
 def test_help_lists_every_field():

@@ -557,3 +557,28 @@ def test_memory_mapped_split_batches(tmp_path):
 def test_load_data_names_every_dataset():
     assert set(data_module.DATASETS) == {"cifar10", "cifar100", "mnist", "svhn", "celeba64", "imagenet32",
                                          "imagenet64", "ffhq256", "ffhq1024", "folder", "digits"}
+
+
+def test_dataset_pickles_admit_only_arrays_and_plain_values(tmp_path):
+    """A crafted batch file in --data_root cannot run code; the real formats (protocol 2 as the official files,
+    and numpy 2's protocol 5) still load."""
+    import os as os_module
+
+    from data import _read_pickle
+
+    batch = {b"data": np.arange(12, dtype=np.uint8).reshape(2, 6), b"labels": [1, 2], b"batch_label": b"x"}
+    for protocol in (2, 5):
+        path = tmp_path / f"batch{protocol}"
+        path.write_bytes(pickle.dumps(batch, protocol=protocol))
+        loaded = _read_pickle(path)
+        assert loaded[b"labels"] == [1, 2] and np.array_equal(loaded[b"data"], batch[b"data"])
+
+    class Exploit:
+        def __reduce__(self):
+            return os_module.system, ("touch " + str(tmp_path / "pwned"),)
+
+    evil = tmp_path / "data_batch_1"
+    evil.write_bytes(pickle.dumps({b"data": Exploit()}, protocol=2))
+    with one_line_error("refusing to load (posix|os).system"):
+        _read_pickle(evil)
+    assert not (tmp_path / "pwned").exists()

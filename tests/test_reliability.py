@@ -211,3 +211,38 @@ def test_safetensors_export_loads_everywhere_and_samples_the_same(tmp_path):
     assert np.array_equal(outs[0], outs[1])
     result = run("evaluate.py", "--weights", str(exported), "--no_classify", "--out", str(tmp_path / "e.json"))
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_latest_is_present_at_every_instant_of_a_save(tmp_path, monkeypatch):
+    """A reader (sample.py, evaluate.py) may open latest.pt at any moment: every rename of a save happens while
+    latest.pt exists, and previous.pt ends up as the file latest.pt was."""
+    from utils import atomic_torch_save
+
+    latest = tmp_path / "latest.pt"
+    atomic_torch_save({"step": 1}, latest, keep_previous=True)
+    real_replace, seen = os.replace, []
+
+    def watching_replace(src, dst):
+        seen.append(latest.is_file())
+        real_replace(src, dst)
+        seen.append(latest.is_file())
+    monkeypatch.setattr(os, "replace", watching_replace)
+    atomic_torch_save({"step": 2}, latest, keep_previous=True)
+    assert len(seen) >= 4 and all(seen)
+    assert load(latest)["step"] == 2 and load(tmp_path / "previous.pt")["step"] == 1
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_half_written_checkpoints_of_killed_processes_are_removed_at_start(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = run_dir / f".latest.pt.tmp-{dead.pid}"
+    stale.write_bytes(b"half a checkpoint")
+    alive = run_dir / f".latest.pt.tmp-{os.getppid()}"  # a live process's save in progress: left alone
+    alive.write_bytes(b"being written")
+    result = run("train.py", *tiny_cli_args(run_dir, max_steps=1, eval_every=0, save_every=1))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not stale.exists() and alive.exists()
+    assert f"removed {stale.name}" in (run_dir / "log.txt").read_text()

@@ -127,3 +127,17 @@ def test_throughput_bench_prints_every_mode_and_a_json_line():
     for figures in summary["modes"].values():
         assert figures["train_img_s"] > 0 and figures["sample_img_s"] > 0 and figures["peak_mem_mb"] > 0
     assert summary["best_mode"] in summary["modes"] and summary["speedup_train"] > 0
+
+
+def test_auto_precision_wants_native_bf16_on_a_gpu(monkeypatch):
+    """V100 and T4 only emulate bf16: torch counts emulation unless asked not to, and there auto means fp16."""
+    from utils import resolve_precision
+
+    def bf16_supported(including_emulation: bool = True) -> bool:
+        return including_emulation or native
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", bf16_supported)
+    cuda = torch.device("cuda", 0)
+    for native, expected in [(False, torch.float16), (True, torch.bfloat16)]:
+        assert resolve_precision("auto", cuda) == expected
+    assert resolve_precision("auto", torch.device("cpu")) is None
+    assert resolve_precision("bf16", cuda) == torch.bfloat16
