@@ -29,17 +29,20 @@ tiny (tests), a hold-out of K images becomes a tenth of the training images (at 
   classes named "0".."999" (or by ``map_clsloc.txt`` when present), int64 labels.
 - ``ffhq256``, ``ffhq1024``: the 70,000 FFHQ PNGs under ``data_root/ffhq256`` (resp. ffhq1024) or ``data_root``
   (recursively, sorted by file name), resized to ``size`` (default 256 / 1024) when they differ; lazy
-  ``ImageFiles``. Unconditional (no classes, int64 zero labels). Splits as in openai/vdvae: FFHQ-256 holds out
-  7,000 at random (seed 5) and FFHQ-1024 the last 5,000 by file number (65000..69999); both evaluate on that
-  validation split (test = validation). vdvae's ``ffhq-256.npy`` (N, 256, 256, 3) is also accepted for ffhq256
-  at size 256 (memory-mapped).
+  ``ImageFiles``. Unconditional (no classes, int64 zero labels). The test split is openai/vdvae's held-out set:
+  FFHQ-256 holds out 7,000 at random (seed 5) and FFHQ-1024 the last 5,000 by file number (65000..69999), and
+  vdvae reports its figures on those. Validation (what training monitors) is a seeded 1,000 of the remaining
+  training images (seed 1; a tenth, at least one, of small folders), so the test images stay unseen.
+  vdvae's ``ffhq-256.npy`` (N, 256, 256, 3) is also accepted for ffhq256 at size 256 (memory-mapped).
 - ``folder``: any image folder (PNG, JPEG, BMP, WebP, GIF, TIFF, PPM/PGM), images centre-cropped to a square
   and resized to ``size`` (default: the first image's shorter side); grey when the first image is grey.
-  Sub-folders with images are classes (sorted, like torchvision's ImageFolder), else unconditional. Validation
-  = a seeded 10% (seed 0, at least one image) and test = validation, unless the folder has ``train/`` and
-  ``test/`` sub-folders: then those, with ``valid/`` (or ``val/``) as validation when present, else the test.
+  Sub-folders with images are classes (sorted, like torchvision's ImageFolder), else unconditional. Test = a
+  seeded 10% (seed 0, at least one image), validation = a seeded 10% of the rest (seed 1), unless the folder has
+  ``train/`` and ``test/`` sub-folders: then those, with ``valid/`` (or ``val/``) as validation when present,
+  else a seeded 10% of ``train/``. The first image decides the channels (grey or RGB) and the default size.
 - ``digits``: scikit-learn's bundled 8x8 digits (17 grey levels 0..16, written as round(v * 255 / 16)),
-  a stratified 80/20 train/test split with seed 0; the test split doubles as the validation split.
+  a stratified 80/20 train/test split with seed 0 (the 360 test images), and a stratified 10% of the training
+  images as validation (seed 1): 1,293 train / 144 validation / 360 test.
 
 ``load_data_for(H)`` is what the entry points call: the dataset at the size the model's decoder ends at, with
 held-out splits binarized once for ``--likelihood bernoulli`` (``binarize`` draws the training images' fresh
@@ -52,10 +55,11 @@ import os
 import pickle
 import struct
 import threading
+import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -164,15 +168,36 @@ def _decode(path: Path, size: int, channels: int, crop: int | None) -> np.ndarra
 
 class ImageFiles(LazyImages):
     """Image files decoded when indexed, in a small thread pool: centre-cropped (to ``crop`` pixels, else to the
-    largest square) and resized to ``size``, as 1 (grey) or 3 (RGB) channels."""
+    largest square) and resized to ``size``, as 1 (grey) or 3 (RGB) channels.
 
-    def __init__(self, paths: Sequence[Path], size: int, channels: int = 3, crop: int | None = None):
+    A file that cannot be decoded (damaged after the start-up check, or truncated past its header) does not end
+    the run: the next file of the same class (of any class when none is left) stands in for it, and it is listed
+    in ``skipped`` for the log."""
+
+    def __init__(self, paths: Sequence[Path], size: int, channels: int = 3, crop: int | None = None,
+                 labels: Sequence[int] | None = None):
         super().__init__((len(paths), channels, size, size))
         self.paths = [Path(p) for p in paths]
         self.size, self.channels, self.crop = size, channels, crop
+        self.labels = list(labels) if labels is not None else None
+        self.skipped: list[Path] = []
+        self._skipped_lock = threading.Lock()
 
     def _one(self, row: int) -> np.ndarray:
-        return _decode(self.paths[row], self.size, self.channels, self.crop)
+        n = len(self.paths)
+        order = [r % n for r in range(row, row + n)]
+        if self.labels is not None:  # the same class first; any image when none of its class is left
+            order = ([r for r in order if self.labels[r] == self.labels[row]] +
+                     [r for r in order if self.labels[r] != self.labels[row]])
+        for candidate in order:
+            try:
+                return _decode(self.paths[candidate], self.size, self.channels, self.crop)
+            except UserError:
+                with self._skipped_lock:
+                    if self.paths[candidate] not in self.skipped:
+                        self.skipped.append(self.paths[candidate])
+        raise UserError(f"no image of {self.paths[row].parent} like {self.paths[row].name} can be decoded "
+                        f"({len(self.skipped)} unreadable files)")
 
     def _rows(self, rows: np.ndarray) -> np.ndarray:
         out = np.empty((len(rows), *self.shape[1:]), dtype=np.uint8)
@@ -218,6 +243,7 @@ class Data:
     test: Split
     class_names: list[str]
     multi_label: bool = False  # labels are (N, len(class_names)) float32 multi-hot attributes
+    notes: list[str] = field(default_factory=list)  # what loading found worth a line in the run's log
 
     @property
     def image_size(self) -> int:
@@ -282,6 +308,16 @@ def _holdout(n: int, n_valid: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     n_valid = min(n_valid, max(1, n // 10))
     order = np.random.RandomState(seed).permutation(n)
     return order[:n - n_valid], order[n - n_valid:]
+
+
+VALID_SPLIT_SEED = 1  # the validation images carved from a training set whose dataset has no validation split
+
+
+def _carve_validation(rows: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training rows and validation rows: ``cap`` of ``rows`` at random (a tenth, at least one, when fewer can be
+    spared), so that training is monitored on images that are neither trained on nor the test split."""
+    tr, va = _holdout(len(rows), cap, VALID_SPLIT_SEED)
+    return np.sort(rows[tr]), np.sort(rows[va])
 
 
 def _in_memory(train: tuple[np.ndarray, np.ndarray], rows: tuple[np.ndarray, np.ndarray],
@@ -710,7 +746,8 @@ def load_imagenet(root: Path, size: int) -> Data:
 # ---------------------------------------------------------------------------------------------
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
-FFHQ_VALID = {256: 7000, 1024: 5000}
+FFHQ_VALID = {256: 7000, 1024: 5000}  # openai/vdvae's held-out images: our test split
+FFHQ_TRAIN_VALID = 1000  # validation images carved from the training images
 FFHQ256_SPLIT_SEED = 5
 FOLDER_SPLIT_SEED = 0
 
@@ -728,7 +765,8 @@ def _unlabelled(n: int) -> torch.Tensor:
 def load_ffhq(root: Path, native: int, size: int | None = None) -> Data:
     """FFHQ from its PNGs (``root/ffhq{native}`` or ``root``, recursively), resized to ``size`` (default
     ``native``) when they differ, unconditional. openai/vdvae's splits: FFHQ-256 holds out 7,000 at random
-    (seed 5), FFHQ-1024 the last 5,000 files (65000..69999); test = validation, as vdvae evaluates on it."""
+    (seed 5), FFHQ-1024 the last 5,000 files (65000..69999): the test split, as vdvae reports its figures on
+    those; validation is a seeded 1,000 of the other images."""
     size = size or native
     folder = root / f"ffhq{native}" if (root / f"ffhq{native}").is_dir() else root
     if native == 256 and size == 256:
@@ -739,19 +777,23 @@ def load_ffhq(root: Path, native: int, size: int | None = None) -> Data:
     if not files:
         raise UserError(f"no FFHQ PNG images in {folder}: put the 70,000 images (images1024x1024 from "
                         f"https://github.com/NVlabs/ffhq-dataset) in {root / f'ffhq{native}'}")
+    notes: list[str] = []
+    files, _ = readable_images(files, [0] * len(files), folder, notes)
     if len(files) < 2:
         raise UserError(f"need at least 2 FFHQ images in {folder}, found {len(files)}")
-    n_valid = min(FFHQ_VALID[native], max(1, len(files) // 10))
+    if len(files) < 3:
+        raise UserError(f"need at least 3 FFHQ images in {folder} (train, validation, test), found {len(files)}")
+    n_test = min(FFHQ_VALID[native], max(1, len(files) // 10))
     if native == 256:
-        tr, va = (np.sort(r) for r in _holdout(len(files), n_valid, FFHQ256_SPLIT_SEED))
+        tr, te = (np.sort(r) for r in _holdout(len(files), n_test, FFHQ256_SPLIT_SEED))
     else:
-        tr, va = np.arange(len(files) - n_valid), np.arange(len(files) - n_valid, len(files))
+        tr, te = np.arange(len(files) - n_test), np.arange(len(files) - n_test, len(files))
+    tr, va = _carve_validation(tr, FFHQ_TRAIN_VALID)
 
     def split(rows: np.ndarray) -> Split:
         return Split(ImageFiles([files[r] for r in rows], size, 3), _unlabelled(len(rows)))
 
-    valid = split(va)
-    return Data(train=split(tr), valid=valid, test=valid, class_names=[])
+    return Data(train=split(tr), valid=split(va), test=split(te), class_names=[], notes=notes)
 
 
 def _ffhq256_npy(path: Path) -> Data:
@@ -762,10 +804,15 @@ def _ffhq256_npy(path: Path) -> Data:
         raise UserError(f"cannot read {path}: {_reason(err)}") from None
     if array.dtype != np.uint8 or array.ndim != 4 or array.shape[1:] != (256, 256, 3):
         raise UserError(f"{path} should hold uint8 images (N, 256, 256, 3), found {array.dtype} {array.shape}")
-    tr, va = (np.sort(r) for r in _holdout(len(array), FFHQ_VALID[256], FFHQ256_SPLIT_SEED))
-    valid = Split(MappedImages(array, va, channels_last=True), _unlabelled(len(va)))
-    return Data(train=Split(MappedImages(array, tr, channels_last=True), _unlabelled(len(tr))), valid=valid,
-                test=valid, class_names=[])
+    if len(array) < 3:
+        raise UserError(f"need at least 3 images in {path} (train, validation, test), found {len(array)}")
+    tr, te = (np.sort(r) for r in _holdout(len(array), FFHQ_VALID[256], FFHQ256_SPLIT_SEED))
+    tr, va = _carve_validation(tr, FFHQ_TRAIN_VALID)
+
+    def split(rows: np.ndarray) -> Split:
+        return Split(MappedImages(array, rows, channels_last=True), _unlabelled(len(rows)))
+
+    return Data(train=split(tr), valid=split(va), test=split(te), class_names=[])
 
 
 def _labelled_files(folder: Path, class_names: list[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
@@ -789,6 +836,35 @@ def _labelled_files(folder: Path, class_names: list[str] | None = None) -> tuple
     return files, labels, names
 
 
+def readable_images(files: list[Path], labels: list[int], where: Path, notes: list[str]
+                    ) -> tuple[list[Path], list[int]]:
+    """The files whose image header PIL can read (a cheap check: the pixels are decoded only when trained on), with
+    their labels; a note names the others. None readable: a one-line error, before any training."""
+    from PIL import Image
+
+    def readable(path: Path) -> bool:
+        try:
+            with Image.open(path) as im:
+                return im.size[0] > 0 and im.size[1] > 0
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            return False
+
+    t0 = time.perf_counter()
+    flags = list(_pool().map(readable, files)) if len(files) > 1 else [readable(f) for f in files]
+    bad = [f for f, ok in zip(files, flags) if not ok]
+    if len(bad) == len(files):
+        raise UserError(f"none of the {len(files)} image files in {where} can be read (first: "
+                        f"{', '.join(str(b) for b in bad[:3])})")
+    seconds = time.perf_counter() - t0
+    if bad:
+        notes.append(f"warning: skipped {len(bad)} of {len(files)} image files in {where} that cannot be read "
+                     f"(checked every header in {seconds:.1f} s): {', '.join(str(b) for b in bad[:5])}"
+                     f"{' ...' if len(bad) > 5 else ''}")
+    else:
+        notes.append(f"checked the headers of {len(files)} image files in {where} in {seconds:.1f} s: all readable")
+    return [f for f, ok in zip(files, flags) if ok], [label for label, ok in zip(labels, flags) if ok]
+
+
 def _first_image(path: Path) -> tuple[int, int]:
     """The shorter side of an image and its channels (1 for grey modes, else 3)."""
     from PIL import Image
@@ -807,6 +883,7 @@ def load_folder(folder: Path, size: int | None = None) -> Data:
     if not folder.is_dir():
         raise UserError(f"image folder {folder} does not exist")
     no_images = f"(extensions: {' '.join(IMAGE_EXTENSIONS)})"
+    notes: list[str] = []
     if (folder / "train").is_dir() and (folder / "test").is_dir():
         train_files, train_labels, names = _labelled_files(folder / "train")
         parts = {"train": (train_files, train_labels)}
@@ -814,23 +891,34 @@ def load_folder(folder: Path, size: int | None = None) -> Data:
             if (folder / part).is_dir():
                 files, labels, _ = _labelled_files(folder / part, names)
                 parts[part] = (files, labels)
-        for part, (files, _) in parts.items():
+        for part, (files, labels) in parts.items():
             if not files:
                 raise UserError(f"no images in {folder / part} {no_images}")
-        valid = parts.get("valid", parts.get("val", parts["test"]))  # no valid/ or val/: validate on the test
-        splits = [parts["train"], valid, parts["test"]]
+            parts[part] = readable_images(files, labels, folder / part, notes)
+        train_files, train_labels = parts["train"]
+        train_files, train_labels = parts["train"]
+        pick = lambda rows, fs, ls: ([fs[r] for r in rows], [ls[r] for r in rows])  # noqa: E731
+        if "valid" in parts or "val" in parts:
+            splits = [parts["train"], parts.get("valid", parts.get("val")), parts["test"]]
+        else:  # no valid/ or val/: a tenth of train/ monitors training, test/ stays unseen
+            tr, va = _carve_validation(np.arange(len(train_files)), len(train_files))
+            splits = [pick(tr, train_files, train_labels), pick(va, train_files, train_labels), parts["test"]]
     else:
         files, labels, names = _labelled_files(folder)
         if not files:
             raise UserError(f"no images in {folder} {no_images}")
-        tr, va = (np.sort(r) for r in _holdout(len(files), len(files), FOLDER_SPLIT_SEED))  # a tenth, at least 1
-        valid = ([files[r] for r in va], [labels[r] for r in va])
-        splits = [([files[r] for r in tr], [labels[r] for r in tr]), valid, valid]
+        files, labels = readable_images(files, labels, folder, notes)
+        if len(files) < 3:
+            raise UserError(f"need at least 3 images in {folder} (train, validation, test), found {len(files)}")
+        rest, te = (np.sort(r) for r in _holdout(len(files), len(files), FOLDER_SPLIT_SEED))  # a tenth, at least 1
+        tr, va = _carve_validation(rest, len(rest))
+        pick = lambda rows: ([files[r] for r in rows], [labels[r] for r in rows])  # noqa: E731
+        splits = [pick(tr), pick(va), pick(te)]
     side, channels = _first_image(splits[0][0][0])
     size = size or side
-    made = {id(s): Split(ImageFiles(s[0], size, channels), torch.tensor(s[1], dtype=torch.int64)) for s in splits}
-    train, valid, test = (made[id(s)] for s in splits)  # test is valid when it is the same images
-    return Data(train=train, valid=valid, test=test, class_names=names)
+    train, valid, test = (Split(ImageFiles(s[0], size, channels, labels=s[1] if names else None),
+                                torch.tensor(s[1], dtype=torch.int64)) for s in splits)
+    return Data(train=train, valid=valid, test=test, class_names=names, notes=notes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -841,7 +929,8 @@ DIGITS_SPLIT_SEED = 0
 
 
 def load_digits() -> Data:
-    """The 1,797 8x8 digits: stratified 80/20 split (seed 0), 17 grey levels stored as 0..255."""
+    """The 1,797 8x8 digits, 17 grey levels stored as 0..255: a stratified 80/20 train/test split (seed 0), then
+    a stratified tenth of the training images as validation (seed 1): 1,293 / 144 / 360."""
     from sklearn.datasets import load_digits as sk_digits
     from sklearn.model_selection import train_test_split
 
@@ -851,10 +940,14 @@ def load_digits() -> Data:
     labels = bunch.target.astype(np.int64)
     idx_train, idx_test = train_test_split(np.arange(len(labels)), test_size=0.2, stratify=labels,
                                            random_state=DIGITS_SPLIT_SEED)
-    t = torch.from_numpy
-    train = Split(t(images[idx_train]), t(labels[idx_train]))
-    test = Split(t(images[idx_test]), t(labels[idx_test]))
-    return Data(train=train, valid=test, test=test, class_names=[str(d) for d in range(10)])
+    idx_train, idx_valid = train_test_split(idx_train, test_size=0.1, stratify=labels[idx_train],
+                                            random_state=VALID_SPLIT_SEED)
+
+    def split(rows: np.ndarray) -> Split:
+        return Split(torch.from_numpy(images[rows]), torch.from_numpy(labels[rows]))
+
+    return Data(train=split(idx_train), valid=split(idx_valid), test=split(idx_test),
+                class_names=[str(d) for d in range(10)])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -201,10 +201,13 @@ def main(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
     if args.iw_samples < 1 or args.n_batch < 1:
         raise UserError("--iw_samples and --n_batch must be >= 1")
+    out = Path(args.out) if args.out else None
+    if out is not None and (out.is_dir() or not out.parent.is_dir()):  # refused before the evaluation, not after it
+        raise UserError(f"cannot write {out}: {'a folder' if out.is_dir() else f'no folder {out.parent}'}")
     result = evaluate_checkpoint(args.weights, args.split, args.iw_samples, args.n_batch, not args.no_classify,
                                  args.device, args.seed, not args.raw_weights, args.data_root, args.hps)
     print(format_table(result))
-    out = Path(args.out) if args.out else Path(result["checkpoint"]).parent / f"eval_{args.split}.json"
+    out = out or Path(result["checkpoint"]).parent / f"eval_{args.split}.json"
     try:
         out.write_text(json.dumps(result, indent=1))
     except OSError as err:

@@ -84,7 +84,8 @@ class Hyperparams:
     n_batch_eval: int = _f(64, "images per evaluation batch")
     save_every: int = _f(5000, "write latest.pt every this many steps (and at the end); the one it replaces "
                          "stays as previous.pt")
-    keep_every: int = _f(0, "also keep latest.pt as step-N.pt every this many steps (0: never)")
+    keep_every: int = _f(0, "also keep a checkpoint as step-N.pt every this many steps, saving at those steps whatever "
+                         "--save_every is (0: never)")
     keep_last: int = _f(0, "how many step-N.pt checkpoints to keep, newest first (0: all)")
     skip_limit: int = _f(100, "stop the run, saving the last good weights, after this many updates in a row are "
                          "skipped (0: never stop)")
@@ -171,6 +172,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         enc_blocks="64x11,64d2,32x20,32d2,16x9,16d2,8x8,8d2,4x7,4d4,1x5",
         dec_blocks="1x2,4m1,4x3,8m4,8x7,16m8,16x15,32m16,32x31,64m32,64x12",
         n_batch=4, lr=1.5e-4, ema_rate=0.999, grad_clip=220.0, skip_threshold=380.0,
+        n_batch_eval=32,
     ),
     # openai/vdvae's FFHQ-256 model (0.61 bits/dim), unconditional, at 5 bits per channel (32 levels).
     "ffhq256": dict(
@@ -178,6 +180,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         width=512, enc_blocks="256x3,256d2,128x8,128d2,64x12,64d2,32x17,32d2,16x7,16d2,8x5,8d2,4x5,4d4,1x4",
         dec_blocks="1x2,4m1,4x3,8m4,8x4,16m8,16x9,32m16,32x21,64m32,64x13,128m64,128x7,256m128",
         n_batch=1, lr=1.5e-4, ema_rate=0.999, grad_clip=130.0, skip_threshold=180.0,
+        n_batch_eval=8,  # evaluation holds no gradients, but 64 images at 256x256 would need some 17 GB
     ),
     # openai/vdvae's FFHQ-1024 model (2.42 bits/dim), unconditional, 8-bit; narrow at the top resolutions.
     # Its normalisation (x/255 - 0.4387) / 0.2743 written on the 0..255 scale.
@@ -189,6 +192,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         dec_blocks="1x2,4m1,4x3,8m4,8x4,16m8,16x9,32m16,32x20,64m32,64x14,128m64,128x7,256m128,256x2,512m256,"
                    "1024m512",
         n_batch=1, lr=7e-5, ema_rate=0.999, grad_clip=360.0, skip_threshold=500.0,
+        n_batch_eval=1,
     ),
     # Any image folder (--data_root): classes from its sub-folders (or none), images centre-cropped and resized
     # to the size the decoder ends at (64 here: change --enc_blocks/--dec_blocks for another size).
@@ -239,7 +243,10 @@ def hparams_from_preset(name: str, overrides: dict[str, Any] | None = None) -> H
     if name not in PRESETS:
         raise UserError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
     values = dict(PRESETS[name], hps=name)
-    for key, value in (overrides or {}).items():
+    overrides = dict(overrides or {})
+    if overrides.get("likelihood") == "bernoulli" and "pixel_levels" not in overrides:
+        overrides["pixel_levels"] = 2  # the only value that fits binary pixels
+    for key, value in overrides.items():
         if key not in _FIELD_NAMES or key == "hps":
             raise UserError(f"unknown hyperparameter {key!r}; valid: {', '.join(f.name for f in SETTABLE)}")
         values[key] = value

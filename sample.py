@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +35,7 @@ import torch
 
 from data import Split, load_data_for
 from hps import PRECISIONS, Hyperparams
-from utils import (CliParser, UserError, add_checkpoint_flags, autocast, labelled_grid, load_checkpoint,
+from utils import (CliParser, UserError, add_checkpoint_flags, autocast, crop_padding, labelled_grid, load_checkpoint,
                    pick_device, resolve_precision, run_cli, save_gif, save_grid)
 from vae import VAE
 
@@ -46,7 +48,10 @@ def load_model(weights: str, device: torch.device, use_ema: bool = True,
     """Build the model a checkpoint describes (ours ``.pt``, an exported ``.safetensors``, or openai/vdvae's
     ``.th`` with its preset named by ``hps``) and load its (EMA) weights; returns it with the class names."""
     if str(weights).endswith(".safetensors"):
-        state, hps_dict, class_names, attribute_means = load_safetensors(weights)
+        state, hps_dict, class_names, attribute_means, kind = load_safetensors(weights)
+        if not use_ema and kind != "model":  # an export holds one set of weights: say so rather than ignore the flag
+            raise UserError(f"{weights} holds the EMA weights only (exported without --raw_weights): use it without "
+                            f"--raw_weights, or export the raw weights with sample.py --raw_weights --export")
     else:
         ckpt = load_any_checkpoint(weights, hps)
         state, hps_dict, class_names = ckpt["ema" if use_ema else "model"], ckpt["hps"], ckpt["class_names"]
@@ -79,6 +84,7 @@ def export_safetensors(weights: str, out: Path, use_ema: bool = True, hps: str |
 
 
 def write_safetensors(ckpt: dict, out: Path, use_ema: bool = True) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     state = {k: v.contiguous() for k, v in ckpt["ema" if use_ema else "model"].items()}
@@ -90,11 +96,13 @@ def write_safetensors(ckpt: dict, out: Path, use_ema: bool = True) -> None:
         save_file(state, str(out), metadata=metadata)
     except OSError as err:
         raise UserError(f"cannot write {out}: {err.strerror}") from None
+    except SafetensorError as err:  # safetensors' own error for a path it cannot create
+        raise UserError(f"cannot write {out}: {str(err).strip().splitlines()[0]}") from None
 
 
-def load_safetensors(path: str) -> tuple[dict, dict, list[str], list[float] | None]:
-    """Weights, hyperparameters, class names and attribute frequencies of an exported file (no code can run:
-    no pickle)."""
+def load_safetensors(path: str) -> tuple[dict, dict, list[str], list[float] | None, str]:
+    """Weights, hyperparameters, class names, attribute frequencies and which weights they are ("ema" or "model")
+    of an exported file (no code can run: no pickle)."""
     from safetensors import SafetensorError, safe_open
 
     if not Path(path).is_file():
@@ -108,7 +116,7 @@ def load_safetensors(path: str) -> tuple[dict, dict, list[str], list[float] | No
     if metadata.get("format") != SAFETENSORS_FORMAT:
         raise UserError(f"{path} was not exported by this project (no '{SAFETENSORS_FORMAT}' metadata)")
     return (state, json.loads(metadata["hps"]), json.loads(metadata["class_names"]),
-            json.loads(metadata.get("attribute_means", "null")))
+            json.loads(metadata.get("attribute_means", "null")), metadata.get("weights", "ema"))
 
 
 def parse_classes(text: str, class_names: list[str]) -> list[int]:
@@ -157,13 +165,42 @@ def parse_temperature(text: str, model: VAE) -> float | list[float]:
     except ValueError:
         raise UserError(f"--temperature must be a number, a comma-separated list or RES:T pairs, got {text!r}") \
             from None
-    if any(not v > 0 for v in values):
-        raise UserError(f"--temperature must be > 0, got {text}")
+    if any(not (v > 0 and math.isfinite(v)) for v in values):  # nan, inf, 0 and negatives
+        raise UserError(f"--temperature must be a finite number > 0, got {text}")
     if len(values) == 1:
         return values[0]
     if len(values) != len(bases):
         raise UserError(f"--temperature lists {len(values)} values; this model has {len(bases)} latent groups")
     return values
+
+
+MAX_PICTURE_SIDE = 65_535  # pixels: what PNG viewers, browsers and PIL's decoders handle
+
+
+def check_output_size(n: int, nrow: int, image_shape: tuple[int, ...], suffix: str) -> None:
+    """Refuse, before any sampling, a request whose images cannot fit in this machine's free memory or in one
+    picture."""
+    channels, height, width = image_shape
+    need = n * channels * height * width  # bytes of the uint8 images, held on the CPU until they are written
+    free = available_memory()
+    if free is not None and need > free // 2:
+        raise UserError(f"{n:,} samples of {channels}x{height}x{width} take {need / 2**30:.1f} GiB; this machine has "
+                        f"{free / 2**30:.1f} GiB free and samples may use half of it: ask for fewer with --n")
+    if suffix == ".png":
+        scale = max(1, 32 // height)  # labelled_grid upscales small images
+        cols, rows = nrow, -(-n // nrow)
+        side = max(cols * (width * scale + 2), rows * (height * scale + 2))
+        if side > MAX_PICTURE_SIDE:
+            raise UserError(f"{n:,} samples in rows of {nrow:,} make a picture {side:,} pixels across, more than "
+                            f"{MAX_PICTURE_SIDE:,}: ask for fewer with --n, or write arrays with --out x.npz")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory free for new allocations (Linux and macOS), or None where it cannot be told."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def sample_batched(model: VAE, n: int, labels: torch.Tensor | None, temperature, n_batch: int,
@@ -180,14 +217,14 @@ def sample_batched(model: VAE, n: int, labels: torch.Tensor | None, temperature,
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     """Spherical interpolation per image (White 2016): intermediate Gaussian noise keeps a typical norm,
     where a straight line would pass through improbably short vectors."""
-    fa, fb = a.flatten(1).double(), b.flatten(1).double()
+    fa, fb = a.flatten(1).double().cpu(), b.flatten(1).double().cpu()  # on the CPU: MPS has no float64
     cos = (fa * fb).sum(1) / (fa.norm(dim=1) * fb.norm(dim=1)).clamp_min(1e-12)
     omega = torch.arccos(cos.clamp(-1.0, 1.0))[:, None]
     sin = torch.sin(omega)
     straight = sin.abs() < 1e-6  # (anti)parallel: fall back to the straight line
     wa = torch.where(straight, 1.0 - t, torch.sin((1.0 - t) * omega) / torch.where(straight, 1.0, sin))
     wb = torch.where(straight, t, torch.sin(t * omega) / torch.where(straight, 1.0, sin))
-    return (wa * fa + wb * fb).to(a.dtype).view_as(a)
+    return (wa * fa + wb * fb).to(a.device, a.dtype).view_as(a)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,6 +308,9 @@ class Session:
 
     def held_out(self) -> Split:
         """The split ``--split`` of the model's dataset (from ``--data_root``, else the checkpoint's)."""
+        root = self.args.data_root or self.H.data_root
+        print(f"reading the {self.args.split} split of {self.H.dataset} from {root} (downloading the dataset "
+              f"there first when it is absent and can be downloaded)", flush=True)
         data = load_data_for(self.H, self.args.data_root)
         return {"test": data.test, "valid": data.valid}[self.args.split]
 
@@ -307,12 +347,16 @@ class Session:
         with autocast(self.device, self.amp_dtype):
             return self.model.prior_noise_of(images, labels, n_posterior=k)
 
+    def visible(self, images: torch.Tensor) -> torch.Tensor:
+        """The part of each image the likelihood scores: MNIST's 28x28 without the 2-pixel padding to 32x32."""
+        return crop_padding(images, self.H.pad)
+
     def write(self, images: torch.Tensor, nrow: int, row_labels=None, col_labels=None) -> Path:
         out = Path(self.args.out)
         if out.suffix != ".png":
             raise UserError(f"--out must end in .png for {self.args.mode}, got {self.args.out!r}")
         try:
-            save_grid(images, out, nrow=nrow, row_labels=row_labels, col_labels=col_labels)
+            save_grid(self.visible(images), out, nrow=nrow, row_labels=row_labels, col_labels=col_labels)
         except OSError as err:
             raise UserError(f"cannot write {out}: {err.strerror}") from None
         return out
@@ -345,6 +389,8 @@ def run_grid(s: Session) -> str:
             raise UserError(f"{args.weights} is an unconditional model: it takes no --classes")
         n = args.n_per_class or s.n(100)
         labels, nrow, row_labels = None, int(np.ceil(np.sqrt(n))), None
+    side = s.H.image_size - 2 * s.H.pad  # what is written: MNIST's 28x28 without the padding
+    check_output_size(n, nrow, (s.H.image_channels, side, side), out.suffix)
     torch.manual_seed(args.seed)
     images = sample_batched(s.model, n, labels, s.temperature, args.n_batch, s.amp_dtype)
     if out.suffix == ".npz":
@@ -352,7 +398,7 @@ def run_grid(s: Session) -> str:
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             label_array = label_array.astype(np.float32 if s.multi_label else np.int64)  # attribute vectors: (N, A)
-            np.savez(out, images=images.permute(0, 2, 3, 1).numpy(), labels=label_array)
+            np.savez(out, images=s.visible(images).permute(0, 2, 3, 1).numpy(), labels=label_array)
         except OSError as err:
             raise UserError(f"cannot write {out}: {err.strerror}") from None
     else:
@@ -440,7 +486,8 @@ def run_interp(s: Session) -> str:
     png, gif = out.with_suffix(".png"), out.with_suffix(".gif")
     s.args.out = str(png)
     s.write(strip, len(frames), row_labels=rows)
-    pictures = [with_progress_bar(labelled_grid(f, nrow=1), i / (len(frames) - 1)) for i, f in enumerate(frames)]
+    pictures = [with_progress_bar(labelled_grid(s.visible(f), nrow=1), i / (len(frames) - 1))
+                for i, f in enumerate(frames)]
     try:
         save_gif(pictures, gif, args.fps)
     except OSError as err:

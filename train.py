@@ -30,9 +30,10 @@ from hps import Hyperparams, parse_args
 from evaluate import evaluate_elbo
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from utils import (CHECKPOINT_FORMAT, Dist, NullLogger, RunLogger, UserError, atomic_torch_save, autocast,
-                   end_distributed, init_distributed, keep_copy, load_checkpoint, load_newest_checkpoint,
-                   remove_stale_temporaries, resolve_channels_last, resolve_precision, run_cli, save_grid, seeded)
+from utils import (CHECKPOINT_FORMAT, Dist, NullLogger, RunFolderLock, RunLogger, UserError, atomic_torch_save,
+                   autocast, crop_padding, device_rng_state, end_distributed, init_distributed, keep_copy,
+                   load_checkpoint, load_newest_checkpoint, remove_stale_temporaries, resolve_channels_last,
+                   resolve_precision, run_cli, save_grid, saved_device_rng_state, seeded, set_device_rng_state)
 from vae import VAE, count_parameters
 from vae_helpers import parse_layer_string
 
@@ -45,10 +46,34 @@ MODEL_FIELDS = ["dataset", "image_size", "image_channels", "pixel_levels", "n_cl
 
 
 def on_device_if_small(split: Split, device: torch.device, max_bytes: int = 2 << 30) -> Split:
-    """The split moved to ``device`` once when it fits in ``max_bytes``, so batches never cross the bus."""
-    if device.type == "cpu" or split.images.numel() > max_bytes:
+    """The split moved to ``device`` once when it is an in-memory tensor of at most ``max_bytes``, so batches
+    never cross the bus. Lazy splits (image folders, memory-mapped arrays) stay lazy: copying one would decode or
+    read every image on every rank before the first step (all 162,770 CelebA JPEGs)."""
+    if device.type == "cpu" or not isinstance(split.images, torch.Tensor) or split.images.numel() > max_bytes:
         return split
     return Split(split.images.to(device), split.labels.to(device))
+
+
+def load_data_per_node(H: Hyperparams, dist: Dist) -> Data:
+    """The run's data. Under torchrun the first process of each node loads it first, downloading or converting
+    it when needed, while the others wait at a barrier and then read what it wrote: one CIFAR download per
+    node, not one per process, and one writer of ImageNet's caches."""
+    data = load_data_for(H) if dist.local_rank == 0 else None
+    dist.barrier()
+    return data if data is not None else load_data_for(H)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA's out-of-memory error, or the RuntimeError that MPS and the CPU allocator raise."""
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def skipped_images(data: Data) -> set[Path]:
+    """Image files of lazily decoded splits that could not be decoded when their batch came up."""
+    return {p for split in (data.train, data.valid, data.test) for p in getattr(split.images, "skipped", [])}
 
 
 def derive_from_data(H: Hyperparams, data: Data) -> None:
@@ -158,6 +183,7 @@ class Trainer:
                                            betas=(H.adam_beta1, H.adam_beta2), fused=self.fused or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(H, step))
         self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
+        self.noise_index = torch.zeros((), dtype=torch.long, device=device)  # see _forward
 
     def settings(self) -> str:
         precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + scaler"}
@@ -203,8 +229,11 @@ class Trainer:
 
     def _forward(self, images: torch.Tensor, labels: torch.Tensor | None, shard: tuple[int, int]) -> dict:
         if shard[1] > 1:  # posterior noise: this pass's slice of the global batch's draw
+            # the slice index is a device tensor changed in place, not a Python int on the modules: compiled, one
+            # graph serves every accumulation pass (an int attribute made each pass compile a graph of its own)
+            self.noise_index.fill_(shard[0])
             for block in self.model.decoder.dec_blocks:
-                block.noise_shard = shard
+                block.noise_shard = (self.noise_index, shard[1])
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.amp_dtype):
@@ -220,6 +249,18 @@ class Trainer:
             self.optimizer.step()
         elif not skip.item():
             self.optimizer.step()
+
+
+@torch.no_grad()
+def reshape_optimizer_state_like_parameters(optimizer: torch.optim.Optimizer) -> None:
+    """Give every per-parameter optimiser tensor (Adam's moments) its parameter's memory layout.
+    ``load_state_dict`` keeps the saved strides, so moments saved contiguous (CPU) and resumed channels-last (CUDA),
+    or the reverse, fail the fused kernel's same-layout check; the speed settings may differ on resume."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    optimizer.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 def rng_state(device: torch.device) -> tuple:
@@ -285,8 +326,10 @@ def checkpoint_dict(H: Hyperparams, trainer: Trainer, state: dict, class_names) 
         "hps": H.to_dict(),
         "class_names": list(class_names),
         "attribute_means": state.get("attribute_means"),  # multi-label data: how often each attribute is on
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        # the CPU's and this process's own device's generator: every rank draws the same stream by design, so
+        # rank 0's states are every rank's (a list of all visible GPUs' states would not survive a resume on
+        # fewer GPUs, and would hand the other ranks rank 0's GPU state by index)
+        "rng": {"torch": torch.get_rng_state(), "device": device_rng_state(trainer.device)},
     }
 
 
@@ -330,8 +373,8 @@ def restore_run(path: Path, ckpt: dict, H: Hyperparams, trainer: Trainer, state:
     state.update(step=ckpt["step"], epoch=ckpt["epoch"], batch_in_epoch=ckpt["batch_in_epoch"],
                  skipped=ckpt["skipped_updates"])
     torch.set_rng_state(ckpt["rng"]["torch"])
-    if torch.cuda.is_available() and ckpt["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    set_device_rng_state(saved_device_rng_state(ckpt["rng"]), trainer.device)
+    reshape_optimizer_state_like_parameters(trainer.optimizer)
 
 
 class StopSignal:
@@ -392,10 +435,7 @@ def train(H: Hyperparams, dist: Dist, device: torch.device) -> None:
     # ---- settings, data, run folder -----------------------------------------------------------
     torch.manual_seed(H.seed)
     np.random.seed(H.seed)
-    # the first process of each node downloads or converts the data, the others then read what it wrote
-    data = load_data_for(H) if dist.local_rank == 0 else None  # binarized held-out splits for bernoulli
-    dist.barrier()
-    data = data or load_data_for(H)
+    data = load_data_per_node(H, dist)  # binarized held-out splits for --likelihood bernoulli
     derive_from_data(H, data)
     global_batch = H.n_batch * dist.world * H.grad_accum  # images per update
     if len(data.train) < global_batch:
@@ -409,10 +449,12 @@ def train(H: Hyperparams, dist: Dist, device: torch.device) -> None:
     resume = checkpoint_to_resume(H, run_dir, warnings.append)
     if resume is not None:
         check_same_model(*resume, H)
+    lock = RunFolderLock(run_dir)  # one trainer per folder (rank 0 holds it for the job), for the whole run
     if dist.main:
         create_run_dir(run_dir)
+        lock.acquire(warn=warnings.append)
     log = RunLogger(run_dir, echo=tqdm.write) if dist.main else NullLogger()  # rank 0 alone writes
-    for warning in warnings:
+    for warning in [*warnings, *data.notes]:
         log.info(warning)
     if dist.main:
         for tmp in remove_stale_temporaries(run_dir):
@@ -449,13 +491,20 @@ def train(H: Hyperparams, dist: Dist, device: torch.device) -> None:
         state["skipped"] = int(skipped)
         latest = run_dir / "latest.pt"
         if dist.main:
-            atomic_torch_save(checkpoint_dict(H, trainer, state, data.class_names), latest, keep_previous=True)
-            if H.keep_every and state["step"] % H.keep_every == 0:
-                keep_copy(latest, state["step"], H.keep_last)
+            try:
+                atomic_torch_save(checkpoint_dict(H, trainer, state, data.class_names), latest, keep_previous=True)
+                if H.keep_every and state["step"] % H.keep_every == 0:
+                    keep_copy(latest, state["step"], H.keep_last)
+            except OSError as err:  # a full disk, a quota, a vanished mount: the last checkpoint is intact
+                held = f"{latest} still holds the checkpoint before it, intact" if latest.exists() else \
+                    "no checkpoint was written"
+                raise UserError(f"cannot write the step {state['step']} checkpoint into {run_dir} "
+                                f"({err.strerror or err}); {held}") from None
         return latest
 
     def run_eval(split_name: str, split: Split) -> dict:
-        result = evaluate_elbo(ema, split, H.n_batch_eval, device, dist=dist)
+        with autocast(device, trainer.amp_dtype):  # the training precision; likelihood and KL stay fp32
+            result = evaluate_elbo(ema, split, H.n_batch_eval, device, dist=dist)
         result.pop("per_image")
         nats = f" | {result['nats_per_image']:.2f} nats per image" if H.likelihood == "bernoulli" else ""
         log.info(f"step {state['step']} | {split_name} bits/dim (EMA) {result['loss']:.4f} "
@@ -474,6 +523,13 @@ def train(H: Hyperparams, dist: Dist, device: torch.device) -> None:
     longest_skip_run = torch.zeros((), dtype=torch.long, device=device)
     check_every = min(H.log_every, H.skip_limit) if H.skip_limit else H.log_every  # reading skips costs a sync
     stop = StopSignal(dist)
+    reported_skips: set[Path] = set()
+
+    def report_skipped_images() -> None:  # image files that could not be decoded when their batch came up
+        for path in sorted(skipped_images(data) - reported_skips):
+            reported_skips.add(path)
+            log.info(f"warning: skipped unreadable image {path} (another image of its class stood in); "
+                     f"{len(reported_skips)} so far")
     train_images = on_device_if_small(data.train, device)
     start_time = time.perf_counter()
     model.train()
@@ -493,6 +549,7 @@ def train(H: Hyperparams, dist: Dist, device: torch.device) -> None:
                 bar.update(1)
                 step = state["step"]
                 if step % H.log_every == 0 or step == total:
+                    report_skipped_images()
                     summary = window.summary(global_batch)
                     state["skipped"] = int(skipped)
                     bar.set_postfix(bpd=f"{summary['loss']:.3f}", gnorm=f"{summary['grad_norm']:.1f}",
@@ -513,15 +570,21 @@ def train(H: Hyperparams, dist: Dist, device: torch.device) -> None:
                     sys.exit(128 + received)
                 if H.eval_every and step % H.eval_every == 0 and step < total:
                     run_eval("valid", data.valid)
-                if step % H.save_every == 0 and step < total:
-                    save()
+                if (step % H.save_every == 0 or (H.keep_every and step % H.keep_every == 0)) and step < total:
+                    save()  # a keep_every step saves too, whatever save_every is, so that step-N.pt is step N
                 if step >= total:
                     break
             else:  # the epoch ran out: the next one starts from its first batch
                 state["epoch"] += 1
                 state["batch_in_epoch"] = 0
-    except BaseException:  # a stop (signal, too many skips) or a failure: the log is complete up to here
+    except BaseException as err:  # a stop (signal, too many skips) or a failure: the log is complete up to here
         log.close()
+        if is_out_of_memory(err):
+            raise UserError(f"out of memory on {device} at step {state['step'] + 1} with --n_batch {H.n_batch} (and "
+                            f"--n_batch_eval {H.n_batch_eval} for evaluation): lower --n_batch, recompute activations "
+                            f"with --grad_checkpoint blocks, or keep the global batch with --n_batch "
+                            f"{max(1, H.n_batch // 2)} --grad_accum {2 * H.grad_accum}; nothing was saved from this "
+                            f"step") from None
         raise
     finally:
         bar.close()
@@ -534,13 +597,14 @@ def train(H: Hyperparams, dist: Dist, device: torch.device) -> None:
     log.info(f"trained to step {state['step']} in {train_seconds:.0f} s ({state['skipped']} updates skipped); "
              f"checkpoint {run_dir / 'latest.pt'}")
     result = run_eval("test", data.test)
+    report_skipped_images()
     if not dist.main:  # rank 0 alone draws the samples; the others wait for it in end_distributed
         return
     with autocast(device, trainer.amp_dtype):
         rows, row_names = grid_rows(H, data)
         images = sample_grid(ema, rows, 10, H.temperature, device, seed=H.seed)
     grid_path = run_dir / "samples.png"
-    save_grid(images, grid_path, nrow=10, row_labels=row_names)
+    save_grid(crop_padding(images, H.pad), grid_path, nrow=10, row_labels=row_names)
     if Path("assets").is_dir() and not user_chose_folder:  # a default run from the repository: refresh
         shutil.copyfile(grid_path, Path("assets") / f"{H.hps}_samples.png")  # the preset's README picture
     log.info(f"samples (a row per class, t={H.temperature}): {grid_path}")

@@ -226,13 +226,56 @@ def end_distributed(dist: Dist, completed: bool) -> None:
 
 @contextlib.contextmanager
 def seeded(device, seed: int):
-    """Run the block with the global RNG seeded, then restore the caller's RNG state (so evaluation and
-    sampling neither depend on nor disturb the training stream)."""
+    """Run the block with the global RNG seeded, then restore the caller's RNG state, the CPU's and ``device``'s
+    (CUDA or MPS), so that evaluation and sampling neither depend on nor disturb the training stream."""
     import torch
 
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    cpu_state, device_state = torch.get_rng_state(), device_rng_state(device)
+    torch.manual_seed(seed)  # seeds the CPU and every CUDA and MPS generator
+    try:
         yield
+    finally:
+        torch.set_rng_state(cpu_state)
+        set_device_rng_state(device_state, device)
+
+
+def device_rng_state(device) -> Any:
+    """The generator state of ``device`` alone (None on the CPU, whose generator is saved on its own)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    if device.type == "mps":
+        return torch.mps.get_rng_state()
+    return None
+
+
+def saved_device_rng_state(rng: dict) -> Any:
+    """The device generator state a checkpoint holds: this format's one state, or, from checkpoints written before
+    it, the first of the list of every visible GPU's states (rank 0 wrote it: its own GPU came first)."""
+    if "device" in rng:
+        return rng["device"]
+    states = rng.get("cuda") or []
+    return states[0] if len(states) else None
+
+
+def set_device_rng_state(state: Any, device) -> None:
+    """Give ``device``'s generator a saved state; nothing for the CPU or when the checkpoint came from a machine
+    without one (a CPU checkpoint resumed on a GPU keeps the freshly seeded GPU stream)."""
+    import torch
+
+    if state is None or device.type not in ("cuda", "mps"):
+        return
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.mps.set_rng_state(state)
+
+
+def crop_padding(images, pad: int):
+    """Images (..., H, W) without ``pad`` pixels on each side (unchanged for 0): what the likelihood scores of
+    MNIST's padded 32x32, and so what pictures show."""
+    return images[..., pad:images.shape[-2] - pad, pad:images.shape[-1] - pad] if pad else images
 
 
 def labelled_grid(images, nrow: int, row_labels: list[str] | None = None, col_labels: list[str] | None = None):
@@ -282,6 +325,55 @@ def save_gif(frames: list, path, fps: float) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     iio.imwrite(path, np.stack([np.asarray(f.convert("RGB")) for f in frames]), extension=".gif",
                 duration=1000.0 / fps, loop=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# One writer per run folder
+# ---------------------------------------------------------------------------------------------
+
+LOCK_NAME = ".lock"
+
+
+class RunFolderLock:
+    """An exclusive lock on a run folder for the life of the process that trains into it: ``flock`` on
+    ``FOLDER/.lock``, which the kernel releases when the process ends in any way (SIGKILL, an OOM kill, power
+    loss), so a stale lock never outlives its holder. The file records the holder's pid and host.
+
+    A second trainer on a held folder gets a one-line error naming the holder, having changed nothing there (it
+    opens the lock file without truncating it, and only reads it). On file systems without working locks (some
+    NFS and Lustre mounts) ``acquire`` warns and goes on unlocked."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK_NAME
+        self._fh = None
+
+    def acquire(self, warn: Callable[[str], None] = print) -> None:
+        import errno
+        import fcntl
+        import socket
+
+        fh = open(self.path, "a+", encoding="utf-8")  # a+: create if absent, never truncate
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                fh.seek(0)
+                holder = fh.read().strip() or "an unknown process"
+                fh.close()
+                raise UserError(f"run folder {self.path.parent} is in use by {holder}: one trainer per folder "
+                                f"(wait for it, or give this run another --save_dir)") from None
+            warn(f"warning: cannot lock {self.path} ({err.strerror}): this file system does not support locks, so "
+                 f"nothing stops a second trainer from writing into {self.path.parent}")
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        fh.flush()
+        self._fh = fh  # held open: the lock lives as long as this file descriptor
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
 
 
 # ---------------------------------------------------------------------------------------------

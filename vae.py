@@ -107,6 +107,9 @@ class DecBlock(nn.Module):
         self.enc = Block(width * 2, cond_width, H.zdim * 2, residual=False, use_3x3=use_3x3)
         self.prior = Block(width, cond_width, H.zdim * 2 + width, residual=False, use_3x3=use_3x3,
                            zero_last=True)
+        # the heads that output the Gaussians' means and log-sigmas run their last 1x1 conv in fp32 under autocast,
+        # so the KL and the draws (and fixed noise handed to the prior: prior_noise_of) are not rounded to bf16
+        self.enc.fp32_last = self.prior.fp32_last = True
         self.z_proj = get_conv(H.zdim, width, 1)
         self.z_proj.weight.data *= math.sqrt(1.0 / n_blocks)
         self.resnet = Block(width, cond_width, width, residual=True, use_3x3=use_3x3)
@@ -158,7 +161,9 @@ class OutputNet(nn.Module):
         self.out_conv = get_conv(H.width, n_params, 1)
 
     def forward(self, px_z: torch.Tensor) -> torch.Tensor:
-        return self.out_conv(px_z)
+        # the likelihood's parameters in fp32 even under autocast: bf16 would round the DMOL's means and scales
+        with torch.autocast(px_z.device.type, enabled=False):
+            return self.out_conv(px_z.float())
 
     def crop(self, t: torch.Tensor) -> torch.Tensor:
         p = self.pad

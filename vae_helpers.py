@@ -122,6 +122,7 @@ class Block(nn.Module):
         self.down_rate = down_rate
         self.residual = residual
         self.recompute_gelu = False  # set by the model for --grad_checkpoint gelu
+        self.fp32_last = False  # set by the model for heads whose outputs parameterise distributions
         k = 3 if use_3x3 else 1
         self.c1 = get_conv(in_width, middle_width, 1)
         self.c2 = get_conv(middle_width, middle_width, k)
@@ -131,8 +132,13 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         xs = x if isinstance(x, (list, tuple)) else [x]
         h = xs
-        for conv in (self.c1, self.c2, self.c3, self.c4):
+        for conv in (self.c1, self.c2, self.c3):
             h = [gelu_conv(conv, h, self.recompute_gelu)]
+        if self.fp32_last:  # a cheap 1x1 conv whose outputs are means and log-scales: fp32 even under autocast
+            with torch.autocast(h[0].device.type, enabled=False):
+                h = [gelu_conv(self.c4, [h[0].float()], self.recompute_gelu)]
+        else:
+            h = [gelu_conv(self.c4, h, self.recompute_gelu)]
         out = xs[0] + h[0] if self.residual else h[0]
         if self.down_rate is not None:
             out = F.avg_pool2d(out, kernel_size=self.down_rate, stride=self.down_rate)
@@ -168,12 +174,15 @@ def draw_gaussian_diag_samples(mu: torch.Tensor, logsigma: torch.Tensor, noise: 
 
     With ``shard = (index, count)`` the batch is one slice of a global batch of ``count`` such slices (one per
     rank and accumulation pass): eps is drawn for the whole global batch (same RNG state on every rank and pass)
-    and sliced, so the ranks and passes together draw what one process with the global batch would."""
+    and sliced, so the ranks and passes together draw what one process with the global batch would. ``index`` may
+    be a 0-dim integer tensor (the trainer's, updated in place), so torch.compile need not specialise on it."""
     if noise is None:
         index, count = shard
-        b = mu.shape[0]
         # randn in the logical (contiguous) layout: the same seed gives the same draws in any memory format
-        eps = torch.randn((b * count, *mu.shape[1:]), device=mu.device, dtype=mu.dtype)[index * b:(index + 1) * b]
+        if count == 1:
+            eps = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype)
+        else:  # rows index*b .. (index+1)*b of the global draw; a tensor index keeps one compiled graph for all
+            eps = torch.randn((count, *mu.shape), device=mu.device, dtype=mu.dtype)[index]
     else:
         eps = noise.to(mu.dtype)
     return torch.exp(logsigma) * eps + mu

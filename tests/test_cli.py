@@ -91,7 +91,7 @@ BAD_INPUTS = [
     ("train.py", ["--hps", "digits", "--device", "tpu"], "unknown device 'tpu'"),
     ("train.py", ["--hps", "folder", "--data_root", "EMPTYDIR"], "no images in"),
     ("train.py", ["--hps", "digits", "--likelihood", "poisson"], "--likelihood must be one of dmol, bernoulli"),
-    ("train.py", ["--hps", "digits", "--likelihood", "bernoulli"], "needs --pixel_levels 2"),
+    ("train.py", ["--hps", "digits", "--likelihood", "bernoulli", "--pixel_levels", "17"], "needs --pixel_levels 2"),
     ("train.py", ["--hps", "digits", "--gaussian_std", "-1"], "--gaussian_std must be >= 0"),
     # files: missing, damaged, foreign, another architecture, unwritable
     ("train.py", ["--hps", "digits", "--restore", "/nonexistent/x.pt"], "does not exist"),
@@ -114,10 +114,16 @@ BAD_INPUTS = [
     ("sample.py", ["--weights", "FOREIGN"], "is not a checkpoint of this project"),
     ("sample.py", ["--weights", "EMPTYDIR"], "holds no checkpoint"),
     ("sample.py", ["--weights", "BADSAFETENSORS"], "cannot read"),
+    ("sample.py", ["--weights", "EMASAFETENSORS", "--raw_weights"], "holds the EMA weights only"),
     # what to sample and where to write it
     ("sample.py", ["--weights", "RUN", "--classes", "horse"], "unknown class 'horse'"),
     ("sample.py", ["--weights", "RUN", "--classes", "12"], "out of range"),
-    ("sample.py", ["--weights", "RUN", "--temperature", "0"], "must be > 0"),
+    ("sample.py", ["--weights", "RUN", "--temperature", "0"], "must be a finite number > 0"),
+    ("sample.py", ["--weights", "RUN", "--temperature", "inf"], "must be a finite number > 0, got inf"),
+    ("sample.py", ["--weights", "RUN", "--temperature", "-1"], "must be a finite number > 0"),
+    ("sample.py", ["--weights", "RUN", "--temperature", "nan"], "must be a finite number > 0"),
+    ("sample.py", ["--weights", "RUN", "--n", "100000000"], "ask for fewer with --n"),
+    ("sample.py", ["--weights", "RUN", "--n", "100000", "--out", "x.png"], "pixels across, more than 65,535"),
     ("sample.py", ["--weights", "RUN", "--temperature", "warm"], "must be a number, a comma-separated list or"),
     ("sample.py", ["--weights", "RUN", "--temperature", "16:0.5"], "names resolution 16"),
     ("sample.py", ["--weights", "RUN", "--temperature", "1,2"], "lists 2 values; this model has"),
@@ -127,6 +133,7 @@ BAD_INPUTS = [
     ("sample.py", ["--weights", "RUN", "--device", "tpu"], "unknown device 'tpu'"),
     ("sample.py", ["--weights", "RUN", "--precision", "fp64"], "invalid choice: 'fp64'"),
     ("sample.py", ["--weights", "RUN", "--export", "model.bin"], "--export must end in .safetensors"),
+    ("sample.py", ["--weights", "RUN", "--export", "/proc/no/such/x.safetensors"], "cannot write"),
     ("sample.py", ["--weights", "RUN", "--seed", "x"], "invalid int value"),
     # the exploration modes
     ("sample.py", ["warp", "--weights", "RUN"], "unrecognized arguments: warp"),
@@ -156,7 +163,8 @@ def bad_files(trained_run, tmp_path_factory):
     (folder / "empty").mkdir()
     unconditional = folder / "unconditional"
     assert run("train.py", *tiny_cli_args(unconditional, n_classes=0, max_steps=1)).returncode == 0
-    return {"RUN": str(run_dir), "UNCONDITIONAL": str(unconditional),
+    assert run("sample.py", "--weights", str(run_dir), "--export", str(folder / "ema.safetensors")).returncode == 0
+    return {"RUN": str(run_dir), "UNCONDITIONAL": str(unconditional), "EMASAFETENSORS": str(folder / "ema.safetensors"),
             "CORRUPT": str(folder / "corrupt.pt"), "FOREIGN": str(folder / "foreign.pt"),
             "BADSAFETENSORS": str(folder / "bad.safetensors"), "EMPTYDIR": str(folder / "empty")}
 

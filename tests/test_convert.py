@@ -11,7 +11,8 @@ import torch
 from conftest import run
 from convert import OPENAI_PRESETS, checkpoint_from_openai, convert_state_dict, openai_hparams
 from test_data import write_cifar10
-from utils import UserError
+from test_evaluate import assert_refused, watched
+from utils import CHECKPOINT_FORMAT, UserError
 from vae import VAE
 
 
@@ -171,3 +172,63 @@ def test_checkpoint_from_openai_names_cifar10_classes_only_when_conditional(open
     path, _ = openai_file
     assert checkpoint_from_openai(path, "cifar10")["class_names"] == []
     assert checkpoint_from_openai(path, "cifar10", n_classes=10)["class_names"][7] == "horse"
+
+
+CONVERT_BAD_INPUTS = [
+    # the command line
+    ([], "the following arguments are required: checkpoint, --hps, --out"),
+    (["{GOOD_TH}", "--out", "{OUTDIR}/x.pt"], "the following arguments are required: --hps"),
+    (["{GOOD_TH}", "--hps", "digits", "--out", "{OUTDIR}/x.pt"], "argument --hps: invalid choice: 'digits'"),
+    (["{GOOD_TH}", "--hps", "cifar10", "--out", "{OUTDIR}/x.bin"], "--out must end in .pt or .safetensors"),
+    (["{GOOD_TH}", "--hps", "cifar10", "--out", "{OUTDIR}/x.pt", "--n_classes", "7"],
+     "--n_classes must be 0 or 10 for cifar10"),
+    (["{GOOD_TH}", "--hps", "imagenet32", "--out", "{OUTDIR}/x.pt", "--n_classes", "10"],
+     "--n_classes must be 0 or 1000 for imagenet32"),
+    (["{GOOD_TH}", "--hps", "ffhq256", "--out", "{OUTDIR}/x.pt", "--n_classes", "10"],
+     "ffhq256 is unconditional: --n_classes must be 0"),
+    (["{GOOD_TH}", "--hps", "cifar10", "--out", "{OUTDIR}/x.pt", "--n_classes", "x"],
+     "argument --n_classes: invalid int value: 'x'"),
+    # the file: missing, a folder, damaged, not a state dict (one of our checkpoints), keys not theirs
+    (["/nonexistent/x.th", "--hps", "cifar10", "--out", "{OUTDIR}/x.pt"],
+     "openai/vdvae checkpoint /nonexistent/x.th does not exist"),
+    (["{EMPTYDIR}", "--hps", "cifar10", "--out", "{OUTDIR}/x.pt"], "does not exist"),
+    (["{CORRUPT_TH}", "--hps", "cifar10", "--out", "{OUTDIR}/x.pt"], "cannot read openai/vdvae checkpoint"),
+    (["{EMPTY_TH}", "--hps", "cifar10", "--out", "{OUTDIR}/x.safetensors"], "cannot read openai/vdvae checkpoint"),
+    (["{FOREIGN_TH}", "--hps", "cifar10", "--out", "{OUTDIR}/x.pt"], "is not a state dict of tensors"),
+    (["{OURS}", "--hps", "cifar10", "--out", "{OUTDIR}/x.pt"], "is not a state dict of tensors"),
+    (["{RESHAPED_TH}", "--hps", "cifar10", "--out", "{OUTDIR}/x.pt"],
+     "1 shape mismatch(es): decoder.gain (1, 256, 1, 1) there, (1, 384, 1, 1) here"),
+    # where it goes: a folder that cannot be made, a folder where no file can be made
+    (["{GOOD_TH}", "--hps", "cifar10", "--out", "/proc/no/such/x.pt"], "cannot write /proc/no/such/x.pt"),
+    (["{GOOD_TH}", "--hps", "cifar10", "--out", "/proc/x.safetensors"], "cannot write /proc/x.safetensors"),
+]
+
+
+@pytest.fixture(scope="module")
+def convert_bad_files(tmp_path_factory):
+    """Files convert.py must refuse: damaged, empty, foreign, one of our checkpoints, a key of the wrong shape."""
+    folder = tmp_path_factory.mktemp("bad_convert")
+    (folder / "empty").mkdir()
+    (folder / "corrupt.th").write_bytes(b"PK\x03\x04 not a zip archive")
+    (folder / "empty.th").write_bytes(b"")
+    torch.save({"step": 5, "weights": torch.zeros(2)}, folder / "foreign.th")
+    torch.save({"format": CHECKPOINT_FORMAT, "model": {"w": torch.zeros(2)}, "step": 3}, folder / "ours.pt")
+    torch.save({"module.decoder.gain": torch.zeros(1, 256, 1, 1)}, folder / "reshaped.th")
+    return {"EMPTYDIR": folder / "empty", "CORRUPT_TH": folder / "corrupt.th", "EMPTY_TH": folder / "empty.th",
+            "FOREIGN_TH": folder / "foreign.th", "OURS": folder / "ours.pt", "RESHAPED_TH": folder / "reshaped.th",
+            "folder": folder}
+
+
+@pytest.mark.parametrize("args,message", CONVERT_BAD_INPUTS, ids=[" ".join(a) or "no arguments" for a, _ in
+                                                                 CONVERT_BAD_INPUTS])
+def test_convert_bad_input_is_one_line_and_exit_2(openai_file, convert_bad_files, tmp_path, args, message):
+    """Each bad invocation: exit status 2, one line on stderr naming the problem, no traceback, the files it read
+    left as they were, and nothing written where it ran: no file, no --out folder that did not exist before."""
+    path, folder = openai_file
+    outdir = tmp_path / "out"
+    names = {**convert_bad_files, "GOOD_TH": path, "OUTDIR": outdir}
+    before = watched(folder, convert_bad_files["folder"])
+    result = run("convert.py", *[a.format(**names) for a in args], cwd=tmp_path)
+    assert_refused(result, message)
+    assert watched(folder, convert_bad_files["folder"]) == before
+    assert not outdir.exists() and not list(tmp_path.iterdir())

@@ -69,10 +69,13 @@ def test_cifar10_corrupt_file_is_a_clear_error(tmp_path):
 
 def test_digits_split_and_levels():
     data = load_digits()
-    assert len(data.train) == 1437 and len(data.test) == 360
+    assert (len(data.train), len(data.valid), len(data.test)) == (1293, 144, 360)
     assert data.train.images.shape[1:] == (1, 8, 8)
     assert set(torch.bincount(data.test.labels).tolist()) <= {35, 36, 37}  # stratified: ~36 per class
-    levels = torch.round(torch.cat([data.train.images, data.test.images]).float() * 16 / 255)
+    assert set(torch.bincount(data.valid.labels).tolist()) <= {14, 15}  # stratified too
+    everything = torch.cat([data.train.images, data.valid.images, data.test.images])
+    assert len({bytes(x.numpy()) for x in everything}) == 1797  # the 1,797 distinct digits, each in one split
+    levels = torch.round(everything.float() * 16 / 255)
     from sklearn.datasets import load_digits as sk
 
     assert sorted(levels.unique().tolist()) == list(range(17))
@@ -83,7 +86,7 @@ def test_epoch_batches_depend_only_on_seed_and_epoch_and_resume_midway():
     data = load_digits()
     full = list(epoch_batches(data.train, 100, seed=3, epoch=2))
     again = list(epoch_batches(data.train, 100, seed=3, epoch=2, start=5))
-    assert len(full) == 14 and len(again) == 9
+    assert len(full) == 12 and len(again) == 7  # 1,293 training digits: 12 full batches of 100
     assert all(torch.equal(a[0], b[0]) for a, b in zip(full[5:], again))
     other = next(epoch_batches(data.train, 100, seed=3, epoch=3))
     assert not torch.equal(full[0][0], other[0])
@@ -112,3 +115,22 @@ def test_random_shift_moves_content_without_changing_it():
 def test_unknown_dataset():
     with pytest.raises(UserError, match="valid"):
         data_module.load_data("imagenet7", ".")
+
+
+def test_only_in_memory_splits_are_moved_to_the_device_whole(tmp_path):
+    """A small tensor split goes to the accelerator once; a lazy one (an image folder) is never decoded whole."""
+    from PIL import Image
+
+    from data import ImageFiles, Split
+    from train import on_device_if_small
+
+    meta = torch.device("meta")  # stands in for a GPU: moving there allocates nothing
+    small = Split(torch.zeros(10, 1, 8, 8, dtype=torch.uint8), torch.zeros(10, dtype=torch.long))
+    assert on_device_if_small(small, meta).images.device == meta
+    big = on_device_if_small(small, meta, max_bytes=100)
+    assert big is small
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
+    lazy = Split(ImageFiles(sorted(tmp_path.glob("*.png")), 8, 3), torch.zeros(3, dtype=torch.long))
+    lazy.images._rows = lambda rows: (_ for _ in ()).throw(AssertionError("decoded the whole split"))
+    assert on_device_if_small(lazy, meta) is lazy

@@ -386,9 +386,11 @@ def test_ffhq1024_holds_out_the_last_files_and_resizes(tmp_path):
     colours = write_pngs(tmp_path / "ffhq1024", 20, 24)
     data = load_data("ffhq1024", str(tmp_path), size=16)
     assert data.class_names == [] and not data.multi_label
-    assert (len(data.train), len(data.valid), len(data.test)) == (18, 2, 2) and data.test is data.valid
-    assert data.valid.images.paths[0].name == "00018.png"  # vdvae: the last files (65000..69999) are validation
-    images = data.valid.images[:]
+    # test: vdvae's held-out files, the last ones (65000..69999); validation: a tenth of the rest
+    assert (len(data.train), len(data.valid), len(data.test)) == (17, 1, 2)
+    assert [p.name for p in data.test.images.paths] == ["00018.png", "00019.png"]
+    assert not set(data.valid.images.paths) & (set(data.train.images.paths) | set(data.test.images.paths))
+    images = data.test.images[:]
     assert images.shape == (2, 3, 16, 16) and images.dtype == torch.uint8
     assert torch.equal(images[1, :, 7, 9], torch.tensor(colours[19], dtype=torch.uint8))
     assert data.train.labels.dtype == torch.int64 and data.train.labels.eq(0).all()
@@ -397,10 +399,11 @@ def test_ffhq1024_holds_out_the_last_files_and_resizes(tmp_path):
 def test_ffhq256_seeded_holdout_and_native_size(tmp_path):
     write_pngs(tmp_path, 30, 256)  # straight in data_root
     data = load_ffhq(tmp_path, 256)
-    assert data.train.images.shape == (27, 3, 256, 256) and len(data.valid) == 3 and data.test is data.valid
-    valid = sorted(p.name for p in data.valid.images.paths)
-    order = np.random.RandomState(5).permutation(30)  # vdvae's seed-5 permutation, last ones held out
-    assert valid == sorted(f"{i:05d}.png" for i in order[-3:])
+    assert data.train.images.shape == (25, 3, 256, 256) and (len(data.valid), len(data.test)) == (2, 3)
+    test = sorted(p.name for p in data.test.images.paths)
+    order = np.random.RandomState(5).permutation(30)  # vdvae's seed-5 permutation, last ones held out: the test
+    assert test == sorted(f"{i:05d}.png" for i in order[-3:])
+    assert not set(data.valid.images.paths) & (set(data.train.images.paths) | set(data.test.images.paths))
     assert data.valid.images[0].shape == (3, 256, 256)
 
 
@@ -409,9 +412,11 @@ def test_ffhq256_accepts_vdvaes_npy(tmp_path):
     (tmp_path / "ffhq256").mkdir()
     np.save(tmp_path / "ffhq256" / "ffhq-256.npy", array)
     data = load_data("ffhq256", str(tmp_path))
-    assert isinstance(data.train.images, MappedImages) and (len(data.train), len(data.valid)) == (18, 2)
-    rows = data.valid.images.rows
-    assert torch.equal(data.valid.images[:], torch.from_numpy(array[rows].transpose(0, 3, 1, 2).copy()))
+    assert isinstance(data.train.images, MappedImages) and (len(data.train), len(data.valid), len(data.test)) == (
+        17, 1, 2)
+    rows = data.test.images.rows
+    assert torch.equal(data.test.images[:], torch.from_numpy(array[rows].transpose(0, 3, 1, 2).copy()))
+    assert len(set(data.train.images.rows) | set(data.valid.images.rows) | set(rows)) == 20
 
 
 def test_ffhq_without_images_is_a_clear_error(tmp_path):
@@ -440,22 +445,22 @@ def test_folder_classes_from_sub_folders_cropped_and_resized(tmp_path):
     write_classes(tmp_path)
     data = load_data("folder", str(tmp_path), size=8)
     assert data.class_names == ["cat", "dog"]
-    assert (len(data.train), len(data.valid)) == (18, 2) and data.test is data.valid
-    assert data.train.images.shape == (18, 3, 8, 8) and (data.image_size, data.channels) == (8, 3)
-    images = data.train.images[torch.arange(18)]
+    assert (len(data.train), len(data.valid), len(data.test)) == (17, 1, 2)  # test: a tenth; valid: a tenth of the rest
+    assert data.train.images.shape == (17, 3, 8, 8) and (data.image_size, data.channels) == (8, 3)
+    images = data.train.images[torch.arange(17)]
     for image, label in zip(images, data.train.labels.tolist()):
         colour = torch.tensor([[200, 0, 0], [0, 0, 200]][label], dtype=torch.float32)[:, None, None]
         assert (image.float() - colour).abs().max() <= 16  # no green (255 off), only JPEG ringing at the edges
-    assert sorted(torch.cat([data.train.labels, data.valid.labels]).tolist()) == [0] * 10 + [1] * 10
+    assert sorted(torch.cat([data.train.labels, data.valid.labels, data.test.labels]).tolist()) == [0] * 10 + [1] * 10
 
 
 def test_folder_unconditional_grey_default_size(tmp_path):
     for i in range(5):
         Image.fromarray(np.full((12, 20), 10 * i, dtype=np.uint8), "L").save(tmp_path / f"{i}.bmp")
     data = load_folder(tmp_path)
-    assert data.class_names == [] and data.train.images.shape == (4, 1, 12, 12)
-    assert (len(data.valid), len(data.test)) == (1, 1)  # a tenth, at least one
-    everything = torch.cat([data.train.images[:], data.valid.images[:]])
+    assert data.class_names == [] and data.train.images.shape == (3, 1, 12, 12)
+    assert (len(data.valid), len(data.test)) == (1, 1)  # a tenth, at least one, each
+    everything = torch.cat([data.train.images[:], data.valid.images[:], data.test.images[:]])
     assert sorted(everything[:, 0, 0, 0].tolist()) == [0, 10, 20, 30, 40]
 
 
@@ -464,9 +469,10 @@ def test_folder_with_train_and_test_sub_folders(tmp_path):
     (tmp_path / "test" / "dog").mkdir(parents=True)
     Image.new("RGB", (16, 16), (0, 0, 200)).save(tmp_path / "test" / "dog" / "a.webp", lossless=True)
     data = load_folder(tmp_path, size=4)
-    assert data.class_names == ["cat", "dog"] and len(data.train) == 20
+    assert data.class_names == ["cat", "dog"] and (len(data.train), len(data.valid)) == (18, 2)
     assert len(data.test) == 1 and data.test.labels.tolist() == [1]
-    assert data.valid is data.test  # no valid/ sub-folder: validate on the test images
+    # no valid/ sub-folder: a tenth of train/ validates, the test images stay unseen
+    assert not set(data.valid.images.paths) & (set(data.train.images.paths) | set(data.test.images.paths))
     assert torch.equal(data.test.images[0], torch.tensor([0, 0, 200], dtype=torch.uint8)[:, None, None].expand(3, 4, 4))
     (tmp_path / "val" / "cat").mkdir(parents=True)
     Image.new("RGB", (16, 16), (200, 0, 0)).save(tmp_path / "val" / "cat" / "c.png")
@@ -518,9 +524,9 @@ def lazy_and_loaded(tmp_path) -> tuple[Split, Split]:
 def test_lazy_images_index_like_a_tensor(tmp_path):
     lazy, loaded = lazy_and_loaded(tmp_path)
     images, tensor = lazy.images, loaded.images
-    assert isinstance(images, LazyImages) and len(images) == 18 and images.shape == tensor.shape
+    assert isinstance(images, LazyImages) and len(images) == 17 and images.shape == tensor.shape
     assert images.numel() == tensor.numel() and images.device == torch.device("cpu")
-    idx = torch.tensor([5, 0, 17, 5])
+    idx = torch.tensor([5, 0, 16, 5])
     assert torch.equal(images[idx], tensor[idx])
     assert torch.equal(images[3:9], tensor[3:9]) and torch.equal(images[15:99], tensor[15:])
     assert torch.equal(images[-1], tensor[-1]) and torch.equal(images[2, 1, 3], tensor[2, 1, 3])
@@ -539,7 +545,7 @@ def test_lazy_splits_batch_exactly_like_tensors(tmp_path):
         assert len(ours) == len(theirs) > 0
         assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(ours, theirs))
     ours, theirs = list(eval_batches(lazy, 5)), list(eval_batches(loaded, 5))
-    assert [len(b[1]) for b in ours] == [5, 5, 5, 3]
+    assert [len(b[1]) for b in ours] == [5, 5, 5, 2]
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(ours, theirs))
     next(epoch_batches(lazy, 4, seed=0, epoch=0))  # leaving a generator early does not hang
 

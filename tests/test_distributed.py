@@ -37,11 +37,23 @@ def evals(run_dir) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == "eval"]
 
 
+def trains(run_dir) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == "train"]
+
+
 def assert_same_run(a_dir, b_dir) -> None:
     a, b = torch.load(a_dir / "latest.pt", weights_only=True), torch.load(b_dir / "latest.pt", weights_only=True)
     for key in ("model", "ema"):
         for name in a[key]:
             torch.testing.assert_close(b[key][name], a[key][name], rtol=1e-4, atol=1e-5)
+    # the gradients themselves, through their logged norm: AdamW is blind to a constant gradient scale, so equal
+    # weights alone would not catch a missing / grad_accum or a sum over ranks instead of a mean (which change
+    # what grad_clip and skip_threshold mean); and the logged losses, averaged over ranks and passes
+    for ra, rb in zip(trains(a_dir), trains(b_dir), strict=True):
+        assert ra["step"] == rb["step"]
+        assert abs(ra["grad_norm"] - rb["grad_norm"]) <= 1e-4 * ra["grad_norm"], (ra, rb)
+        assert abs(ra["loss"] - rb["loss"]) <= 1e-5 * abs(ra["loss"]), (ra, rb)
     # evaluation split over ranks and summed equals one process's, step for step
     for ra, rb in zip(evals(a_dir), evals(b_dir), strict=True):
         assert ra["step"] == rb["step"] and abs(ra["loss"] - rb["loss"]) < 1e-6
@@ -70,26 +82,31 @@ def test_two_processes_match_one_with_twice_the_batch_and_resume_in_one(tmp_path
     assert torch.load(accum / "latest.pt", weights_only=True)["global_batch"] == 16
 
 
-def _steps_in_one_process(**overrides) -> tuple[list[float], dict]:
+def _steps_in_one_process(**overrides) -> tuple[list[float], list[dict], dict]:
     h = tiny_hps(lr=2e-3, warmup_iters=0, augment_shift=1, **overrides)
     torch.manual_seed(0)
     trainer = Trainer(h, torch.device("cpu"))
     data = torch.Generator().manual_seed(1)
-    losses = []
+    losses, grads = [], []
     for _ in range(3):
         images = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8, generator=data)
         labels = torch.randint(0, 10, (16,), generator=data)
         skip, stats = trainer.step(images, labels)
         assert not skip
         losses.append(stats[0].item())
-    return losses, trainer.model.state_dict()
+        grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+    return losses, grads, trainer.model.state_dict()
 
 
 def test_gradient_accumulation_equals_one_pass_over_the_whole_batch():
-    losses, weights = _steps_in_one_process(n_batch=16)
+    losses, grads, weights = _steps_in_one_process(n_batch=16)
     for accum, n_batch in [(2, 8), (4, 4)]:
-        losses_a, weights_a = _steps_in_one_process(n_batch=n_batch, grad_accum=accum)
+        losses_a, grads_a, weights_a = _steps_in_one_process(n_batch=n_batch, grad_accum=accum)
         torch.testing.assert_close(torch.tensor(losses_a), torch.tensor(losses), rtol=1e-5, atol=1e-6)
+        for step_grads, step_grads_a in zip(grads, grads_a):  # the gradient itself, not only what AdamW made of it
+            assert step_grads.keys() == step_grads_a.keys()
+            for name, g in step_grads.items():
+                torch.testing.assert_close(step_grads_a[name], g, rtol=1e-4, atol=1e-7)
         for name, w in weights.items():
             torch.testing.assert_close(weights_a[name], w, rtol=1e-4, atol=1e-6)
 
@@ -250,3 +267,67 @@ def test_sigterm_to_one_torchrun_worker_saves_within_a_few_steps(tmp_path):
     log = (run_dir / "log.txt").read_text()
     assert f"SIGTERM at step {step}: saved" in log
     assert step_before <= step < step_before + 100  # 10 steps between saves, a few more to agree; not 1000
+
+
+def test_two_process_resume_is_bit_identical(tmp_path):
+    """Two processes, 8 steps straight, against the same two processes resumed from the step-4 checkpoint of that
+    run: weights, EMA and optimiser bit for bit (every rank restores the same RNG state: one stream by design)."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = dict(COMMON, max_steps=8, eval_every=0, save_every=100, keep_every=4, n_batch=8)
+    result = torchrun(straight, **common)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = torchrun(resumed, restore=straight / "step-00000004.pt", **common)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = torch.load(straight / "latest.pt", weights_only=True), torch.load(resumed / "latest.pt", weights_only=True)
+    assert a["step"] == b["step"] == 8
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    for index, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][index][name]), (index, name)
+
+
+def _load_data_in_turn(rank: int, world: int, port: int, out_dir: str) -> None:
+    import train
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+
+    def slow_load(H, data_root=None):  # stands in for a download: 1 s, with its start and end recorded
+        start = time.time()
+        time.sleep(1.0)
+        (Path(out_dir) / f"rank{rank}").write_text(f"{start} {time.time()}")
+        return "data"
+
+    train.load_data_for = slow_load
+    assert train.load_data_per_node(tiny_hps(), Dist(rank, world, local_rank=rank)) == "data"
+    torch.distributed.destroy_process_group()
+
+
+def test_the_first_process_of_a_node_loads_the_data_before_the_others(tmp_path):
+    mp.spawn(_load_data_in_turn, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    (start0, end0), (start1, _) = [map(float, (tmp_path / f"rank{r}").read_text().split()) for r in range(2)]
+    assert start1 >= end0  # rank 1 read only after rank 0 had finished writing
+
+
+def test_a_torchrun_job_takes_one_lock_and_a_second_job_on_its_folder_is_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    args = tiny_cli_args(run_dir, n_batch=8, max_steps=100000, log_every=1, save_every=1000, eval_every=0)
+    first = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              str(ROOT / "train.py"), *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.time() + 120
+        while not trains(run_dir) if (run_dir / "metrics.jsonl").exists() else True:
+            assert first.poll() is None and time.time() < deadline, "the first job did not start"
+            time.sleep(0.2)
+        workers = _children(first.pid)
+        holder = (run_dir / ".lock").read_text().split()[1]
+        assert holder in {str(w) for w in workers} and _environ(int(holder)).get("RANK") == "0"  # rank 0 holds it
+        second = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / "train.py"),
+                     *tiny_cli_args(tmp_path / "other", n_batch=8, max_steps=2, eval_every=0, save_dir=run_dir))
+        assert second.returncode != 0 and f"is in use by pid {holder} on " in second.stderr
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)

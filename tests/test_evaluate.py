@@ -5,11 +5,12 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, tiny_cli_args, tiny_hps
+from conftest import ROOT, run, tiny_cli_args, tiny_hps
 from data import Split
 from evaluate import class_conditional_bpd, evaluate_elbo, importance_weighted_bpd
 from vae import VAE
@@ -133,3 +134,134 @@ def test_figures_do_not_depend_on_the_batch_size_or_the_order_of_batches():
     torch.testing.assert_close(iw[0], iw[1], rtol=1e-5, atol=1e-5)
     scores = [class_conditional_bpd(model, split, b, torch.device("cpu"), seed=3) for b in (5, 37)]
     torch.testing.assert_close(scores[0], scores[1], rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit status 2, nothing written (as tests/test_cli.py's BAD_INPUTS)
+# ---------------------------------------------------------------------------------------------
+
+
+def watched(*folders) -> dict:
+    """Every path under ``folders``: files with size, modification time and inode (a rewritten or replaced file
+    shows; large files are not read), folders as None (a new one shows)."""
+    out = {}
+    for folder in folders:
+        for p in sorted(Path(folder).rglob("*")):
+            out[p] = (p.stat().st_size, p.stat().st_mtime_ns, p.stat().st_ino) if p.is_file() else None
+    return out
+
+
+def assert_refused(result: subprocess.CompletedProcess, message: str) -> None:
+    """Exit status 2 and exactly one stderr line, ``error: ...`` containing ``message``, without a traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+EVALUATE_BAD_INPUTS = [
+    # weights: missing, damaged, foreign, not fitting what they describe
+    ([], "checkpoint weights/weights.pt does not exist"),  # the default, in a folder without it
+    (["--weights", "/nonexistent/x.safetensors"], "weights file /nonexistent/x.safetensors does not exist"),
+    (["--weights", "{CORRUPT}"], "cannot read checkpoint"),
+    (["--weights", "{FOREIGN}"], "is not a checkpoint of this project"),
+    (["--weights", "{EMPTYDIR}"], "holds no checkpoint"),
+    (["--weights", "{BADSAFETENSORS}"], "cannot read"),
+    (["--weights", "{MISFIT}"], "do not fit the model they describe"),
+    # openai/vdvae .th files: the preset must be named and known, the file readable, its keys theirs
+    (["--weights", "{RESHAPED_TH}"], "is an openai/vdvae checkpoint: name its preset with --hps"),
+    (["--weights", "{RESHAPED_TH}", "--hps", "digits"], "--hps 'digits' has no openai/vdvae checkpoint"),
+    (["--weights", "/nonexistent/x.th", "--hps", "cifar10"], "openai/vdvae checkpoint /nonexistent/x.th does not"),
+    (["--weights", "{CORRUPT_TH}", "--hps", "cifar10"], "cannot read openai/vdvae checkpoint"),
+    (["--weights", "{FOREIGN_TH}", "--hps", "cifar10"], "is not a state dict of tensors"),
+    (["--weights", "{RESHAPED_TH}", "--hps", "cifar10"],
+     "1 shape mismatch(es): decoder.gain (1, 256, 1, 1) there, (1, 384, 1, 1) here"),
+    # settings
+    (["--weights", "{RUN}", "--split", "train2"], "invalid choice: 'train2'"),
+    (["--weights", "{RUN}", "--iw_samples", "0"], "--iw_samples and --n_batch must be >= 1"),
+    (["--weights", "{RUN}", "--n_batch", "0"], "--iw_samples and --n_batch must be >= 1"),
+    (["--weights", "{RUN}", "--n_batch", "x"], "argument --n_batch: invalid int value: 'x'"),
+    (["--weights", "{RUN}", "--device", "tpu"], "unknown device 'tpu'"),
+    (["--weights", "{RUN}", "--no_clasify"], "unrecognized arguments: --no_clasify"),
+    # where the report goes: refused before the evaluation runs
+    (["--weights", "{RUN}", "--out", "/proc/no/such/x.json"], "cannot write /proc/no/such/x.json"),
+    (["--weights", "{RUN}", "--out", "{OUTDIR}/eval.json"], "cannot write"),  # no such folder: not created
+    (["--weights", "{RUN}", "--out", "."], "cannot write ."),  # a folder
+]
+
+
+@pytest.fixture(scope="module")
+def evaluate_bad_files(trained_run, tmp_path_factory):
+    """Damaged, foreign and misfitting weights (ours and openai/vdvae's .th) beside the shared trained run."""
+    folder = tmp_path_factory.mktemp("bad_evaluate")
+    run_dir, _ = trained_run
+    (folder / "corrupt.pt").write_bytes((run_dir / "latest.pt").read_bytes()[:2000])
+    torch.save({"weights": torch.zeros(3)}, folder / "foreign.pt")
+    (folder / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    (folder / "empty").mkdir()
+    misfit = torch.load(run_dir / "latest.pt", weights_only=True)
+    misfit["hps"]["width"] = 32  # describes a wider model than its weights are
+    torch.save(misfit, folder / "misfit.pt")
+    (folder / "corrupt.th").write_bytes(b"PK\x03\x04 not a zip archive")
+    torch.save({"step": 5, "weights": torch.zeros(2)}, folder / "foreign.th")
+    torch.save({"module.decoder.gain": torch.zeros(1, 256, 1, 1)}, folder / "reshaped.th")
+    return {"CORRUPT": folder / "corrupt.pt", "FOREIGN": folder / "foreign.pt", "EMPTYDIR": folder / "empty",
+            "BADSAFETENSORS": folder / "bad.safetensors", "MISFIT": folder / "misfit.pt",
+            "CORRUPT_TH": folder / "corrupt.th", "FOREIGN_TH": folder / "foreign.th",
+            "RESHAPED_TH": folder / "reshaped.th", "folder": folder}
+
+
+@pytest.mark.parametrize("args,message", EVALUATE_BAD_INPUTS, ids=[" ".join(a) or "defaults" for a, _ in
+                                                                   EVALUATE_BAD_INPUTS])
+def test_evaluate_bad_input_is_one_line_and_exit_2(trained_run, evaluate_bad_files, tmp_path, args, message):
+    """Each bad invocation: exit status 2, one line on stderr naming the problem, no traceback, no evaluation
+    run first, the run and the weights left as they were, and nothing written where it ran (run from an empty
+    folder: no report, no output folder that did not exist before)."""
+    run_dir, _ = trained_run
+    outdir = tmp_path / "out"
+    names = {**evaluate_bad_files, "RUN": run_dir, "OUTDIR": outdir}
+    before = watched(run_dir, evaluate_bad_files["folder"])
+    result = run("evaluate.py", *[a.format(**names) for a in args], cwd=tmp_path)
+    assert_refused(result, message)
+    assert "negative ELBO" not in result.stdout  # refused before evaluating, not after
+    assert watched(run_dir, evaluate_bad_files["folder"]) == before
+    assert not outdir.exists() and not list(tmp_path.iterdir())
+
+
+class DeviceWithoutFloat64(torch.Tensor):
+    """A tensor on a device that has no float64, as MPS: asking it for float64 fails; .cpu() leaves the device."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cpu:
+            return super().__torch_function__(func, types, args, kwargs).as_subclass(torch.Tensor)
+        if func is torch.Tensor.double or any(a is torch.float64 for a in [*args[1:], *kwargs.values()]):
+            raise AssertionError(f"float64 asked of a device tensor by {func.__name__}")
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+class ModelOnDeviceWithoutFloat64(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.H, self.decoder = model, model.H, model.decoder
+
+    def forward(self, *args, **kwargs):
+        return {k: v.as_subclass(DeviceWithoutFloat64) for k, v in self.inner(*args, **kwargs).items()}
+
+    def log_importance_weights(self, *args, **kwargs):
+        return self.inner.log_importance_weights(*args, **kwargs).as_subclass(DeviceWithoutFloat64)
+
+
+def test_evaluation_keeps_float64_off_the_device():
+    """MPS has no float64: evaluation accumulates on the CPU. Every figure is computed from device outputs that
+    refuse float64, and equals the plain computation."""
+    model = model_with_informative_posterior()
+    guarded = ModelOnDeviceWithoutFloat64(model)
+    split, cpu = random_split(12), torch.device("cpu")
+    assert evaluate_elbo(guarded, split, 5, cpu)["loss"] == pytest.approx(evaluate_elbo(model, split, 5, cpu)["loss"])
+    torch.testing.assert_close(importance_weighted_bpd(guarded, split, 3, 6, cpu),
+                               importance_weighted_bpd(model, split, 3, 6, cpu))
+    torch.testing.assert_close(class_conditional_bpd(guarded, split, 5, cpu), class_conditional_bpd(model, split, 5, cpu))
+    with pytest.raises(AssertionError, match="float64 asked"):  # the guard itself works
+        torch.ones(2).as_subclass(DeviceWithoutFloat64).double()

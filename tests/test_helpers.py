@@ -43,3 +43,25 @@ def test_samples_have_the_asked_moments():
     z = draw_gaussian_diag_samples(torch.full((200_000,), 1.5), torch.full((200_000,), math.log(0.5)))
     assert z.mean().item() == pytest.approx(1.5, abs=0.01)
     assert z.std().item() == pytest.approx(0.5, abs=0.01)
+
+
+def test_seeded_restores_the_mps_generator_too(monkeypatch):
+    """On a Mac, torch.manual_seed reseeds the MPS generator as well: seeded must put its state back, or the
+    training stream would restart from the same state after every evaluation. A fake MPS generator stands in."""
+    import torch
+
+    from utils import seeded
+
+    mps = {"state": torch.tensor([7], dtype=torch.uint8)}
+    real_seed = torch.manual_seed
+
+    def manual_seed(seed):
+        mps["state"] = torch.tensor([seed % 256], dtype=torch.uint8)
+        return real_seed(seed)
+    monkeypatch.setattr(torch, "manual_seed", manual_seed)
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda device="mps": mps["state"].clone())
+    monkeypatch.setattr(torch.mps, "set_rng_state", lambda state, device="mps": mps.update(state=state.clone()))
+    cpu_before = torch.get_rng_state()
+    with seeded(torch.device("mps"), 5):
+        assert mps["state"].item() == 5
+    assert mps["state"].item() == 7 and torch.equal(torch.get_rng_state(), cpu_before)

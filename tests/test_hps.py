@@ -63,3 +63,12 @@ def test_every_hyperparameter_is_read(tmp_path, monkeypatch):
     train.main(tiny_cli_args(None, max_steps=1))  # the default run folder reads the preset name
     unread = {f.name for f in SETTABLE} - read
     assert not unread, f"fields never read: {sorted(unread)}"
+
+
+def test_bernoulli_implies_binary_pixels_unless_told_otherwise():
+    from hps import hparams_from_preset
+
+    assert hparams_from_preset("mnist", {"likelihood": "bernoulli"}).pixel_levels == 2
+    assert hparams_from_preset("digits", {"likelihood": "bernoulli"}).pixel_levels == 2
+    with pytest.raises(UserError, match="needs --pixel_levels 2"):
+        hparams_from_preset("digits", {"likelihood": "bernoulli", "pixel_levels": 17})

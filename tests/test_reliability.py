@@ -246,3 +246,174 @@ def test_half_written_checkpoints_of_killed_processes_are_removed_at_start(tmp_p
     assert result.returncode == 0, result.stderr[-2000:]
     assert not stale.exists() and alive.exists()
     assert f"removed {stale.name}" in (run_dir / "log.txt").read_text()
+
+
+def test_keep_every_keeps_its_steps_whatever_save_every_is(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run("train.py", *tiny_cli_args(run_dir, max_steps=6, save_every=100, keep_every=2, eval_every=0))
+    assert result.returncode == 0, result.stderr[-2000:]
+    kept = sorted(p.name for p in run_dir.glob("step-*.pt"))
+    assert kept == ["step-00000002.pt", "step-00000004.pt", "step-00000006.pt"]
+    assert [load(run_dir / name)["step"] for name in kept] == [2, 4, 6]
+
+
+def test_resume_mid_cosine_schedule_is_bit_identical(tmp_path):
+    """The cosine schedule depends on max_steps, so the stop is a kept step-N checkpoint of the same run: resuming
+    from step 4 of 8 ends where the run that went straight through ended, bit for bit."""
+    common = dict(lr_decay="cosine", warmup_iters=2, augment_shift=1, eval_every=0, save_every=100, keep_every=4,
+                  log_every=1, max_steps=8)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run("train.py", *tiny_cli_args(straight, **common)).returncode == 0
+    second = run("train.py", *tiny_cli_args(resumed, restore=straight / "step-00000004.pt", **common))
+    assert second.returncode == 0, second.stderr[-2000:]
+    a, b = load(straight / "latest.pt"), load(resumed / "latest.pt")
+    assert a["step"] == b["step"] == 8
+    for key in ("model", "ema", "optimizer", "scheduler", "rng", "epoch", "batch_in_epoch"):
+        assert_same_tensors(a[key], b[key], key)
+    assert a["scheduler"]["_last_lr"] != load(straight / "step-00000004.pt")["scheduler"]["_last_lr"]
+
+
+def test_a_checkpoint_holds_its_own_device_generator_and_old_gpu_lists_resume(tmp_path):
+    """The RNG state saved is the CPU's and this process's device's alone; a checkpoint of the older format, with
+    every visible GPU's state (8 here), resumes on a machine with fewer (here none) without an IndexError."""
+    from train import saved_device_rng_state
+
+    run_dir = tmp_path / "run"
+    assert run("train.py", *tiny_cli_args(run_dir, max_steps=2, eval_every=0)).returncode == 0
+    ckpt = load(run_dir / "latest.pt")
+    assert set(ckpt["rng"]) == {"torch", "device"} and ckpt["rng"]["device"] is None  # a CPU run
+    states = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
+    assert torch.equal(saved_device_rng_state({"torch": None, "cuda": states}), states[0])
+    assert saved_device_rng_state({"torch": None, "cuda": []}) is None
+    ckpt["rng"] = {"torch": ckpt["rng"]["torch"], "cuda": states}
+    torch.save(ckpt, run_dir / "latest.pt")
+    resumed = run("train.py", *tiny_cli_args(run_dir, max_steps=3, eval_every=0, restore="latest"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert load(run_dir / "latest.pt")["step"] == 3
+
+
+def _hashes(folder) -> dict:
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_one_trainer_per_run_folder_and_no_stale_lock_after_sigkill(tmp_path):
+    """A requeued job while its first copy still runs: the second trainer exits 2 with one line naming the holder
+    and changes no file; once the holder is SIGKILLed, --restore latest resumes (the kernel dropped the lock)."""
+    run_dir = tmp_path / "run"
+    args = tiny_cli_args(run_dir, max_steps=100000, save_every=5, eval_every=0, restore="latest")
+    holder = start("train.py", *args)
+    try:
+        _wait_for_training(run_dir, holder)
+        while not (run_dir / "latest.pt").exists():
+            time.sleep(0.05)
+        holder.send_signal(signal.SIGSTOP)  # frozen: its files hold still while the second one tries
+        before = _hashes(run_dir)
+        second = run("train.py", *args)
+        assert second.returncode == 2
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"is in use by pid {holder.pid} on " in lines[0], second.stderr
+        assert _hashes(run_dir) == before
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    resumed = run("train.py", *tiny_cli_args(run_dir, max_steps=load(run_dir / "latest.pt")["step"] + 2,
+                                              save_every=5, eval_every=0, restore="latest"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+
+
+def _bad_image_files(folder) -> list[str]:
+    """A truncated JPEG (its header reads, its pixels do not), a zero-byte PNG and a text file named .png."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    noise = np.random.RandomState(0).randint(0, 256, (256, 256, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(folder / "truncated.jpg", quality=95)  # mostly entropy-coded pixels
+    data = (folder / "truncated.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[:len(data) // 2])
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.png").write_text("not an image")
+    return ["truncated.jpg", "empty.png", "notes.png"]
+
+
+def test_unreadable_images_are_skipped_and_logged_and_a_folder_of_only_bad_ones_refused(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "pictures"
+    for name, colour in [("cat", (200, 0, 0)), ("dog", (0, 0, 200))]:
+        (root / name).mkdir(parents=True)
+        for i in range(12):
+            Image.new("RGB", (8, 8), colour).save(root / name / f"{i:02d}.png")
+    _bad_image_files(root / "cat")
+    run_dir = tmp_path / "run"
+    args = ["--hps", "folder", "--data_root", str(root), "--save_dir", str(run_dir), "--width", "16", "--zdim", "4",
+            "--enc_blocks", "8x1,8d2,4x1,4d4,1x1", "--dec_blocks", "1x1,4m1,4x1,8m4,8x1", "--num_mixtures", "2",
+            "--n_batch", "16", "--max_steps", "8", "--log_every", "1", "--eval_every", "0", "--n_batch_eval", "8"]
+    result = run("train.py", *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = (run_dir / "log.txt").read_text()
+    assert "skipped 2 of " in log and "empty.png" in log and "notes.png" in log  # found by the header check
+    # the truncated JPEG passed the header check; its batch came up during the run (every image did: 8 steps of
+    # 16 over some 20 training images) and another cat stood in for it
+    assert "skipped unreadable image" in log and "truncated.jpg" in log
+
+    only_bad = tmp_path / "only_bad"
+    _bad_image_files(only_bad)
+    (only_bad / "truncated.jpg").write_bytes(b"\xff\xd8")  # not even a header now
+    result = run("train.py", "--hps", "folder", "--data_root", str(only_bad), "--save_dir", str(tmp_path / "r2"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "none of the 3 image files" in lines[0], result.stderr
+
+
+def test_out_of_memory_is_one_line_with_the_flags_that_help_and_saves_nothing(tmp_path, monkeypatch):
+    import train
+
+    run_dir = tmp_path / "run"
+    real_step, calls = train.Trainer.step, []
+
+    def step(self, images, labels):
+        calls.append(1)
+        if len(calls) == 5:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(self, images, labels)
+    monkeypatch.setattr(train.Trainer, "step", step)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"out of memory on cpu at step 5 with --n_batch 16 .* --grad_checkpoint "
+                                        r"blocks.* --n_batch 8 --grad_accum 2; nothing was saved"):
+        train.main(tiny_cli_args(run_dir, max_steps=10, save_every=3, eval_every=0))
+    assert load(run_dir / "latest.pt")["step"] == 3 and not list(run_dir.glob(".*.tmp-*"))
+
+
+def test_a_full_disk_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    import errno
+
+    import train
+
+    run_dir = tmp_path / "run"
+    real_save, calls = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second checkpoint: some bytes reach the disk, then it is full
+            f.write(b"\x80\x02partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.chdir(tmp_path)
+    snapshot = {}
+
+    real_replace = os.replace
+
+    def replace(src, dst):  # remember latest.pt as the first save left it
+        real_replace(src, dst)
+        if str(dst).endswith("latest.pt"):
+            snapshot["bytes"] = (run_dir / "latest.pt").read_bytes()
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(UserError, match=r"cannot write the step 4 checkpoint into .*No space left on device.*"
+                                        r"latest.pt still holds the checkpoint before it, intact"):
+        train.main(tiny_cli_args(run_dir, max_steps=10, save_every=2, eval_every=0))
+    assert (run_dir / "latest.pt").read_bytes() == snapshot["bytes"]
+    assert load(run_dir / "latest.pt")["step"] == 2 and not list(run_dir.glob(".*.tmp-*"))

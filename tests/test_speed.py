@@ -141,3 +141,49 @@ def test_auto_precision_wants_native_bf16_on_a_gpu(monkeypatch):
         assert resolve_precision("auto", cuda) == expected
     assert resolve_precision("auto", torch.device("cpu")) is None
     assert resolve_precision("bf16", cuda) == torch.bfloat16
+
+
+def test_adam_moments_take_their_parameters_layout_after_a_resume():
+    """A checkpoint written with contiguous moments (CPU) resumed channels-last (CUDA's default), and the reverse:
+    load_state_dict keeps the saved strides, which CUDA's fused AdamW refuses; restore_run gives each moment its
+    parameter's layout (the CPU kernel tolerates the mismatch, so the layouts are checked directly)."""
+    from train import reshape_optimizer_state_like_parameters
+
+    for saved_layout, resumed_layout in [("off", "on"), ("on", "off")]:
+        torch.manual_seed(0)
+        saver = Trainer(tiny_hps(channels_last=saved_layout), torch.device("cpu"))
+        saver.step(torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8), torch.arange(16) % 10)
+        resumed = Trainer(tiny_hps(channels_last=resumed_layout), torch.device("cpu"))
+        resumed.optimizer.load_state_dict(saver.optimizer.state_dict())
+        four_d = [p for p in resumed.model.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+        assert any(resumed.optimizer.state[p]["exp_avg"].stride() != p.stride() for p in four_d)  # the bug's setup
+        reshape_optimizer_state_like_parameters(resumed.optimizer)
+        for p in resumed.model.parameters():
+            for key in ("exp_avg", "exp_avg_sq"):
+                moment = resumed.optimizer.state[p][key]
+                assert moment.stride() == p.stride() and moment.dtype == p.dtype
+        saved = {k: v["exp_avg"] for k, v in saver.optimizer.state_dict()["state"].items()}
+        for index, p in enumerate(resumed.optimizer.param_groups[0]["params"]):
+            assert torch.equal(resumed.optimizer.state[p]["exp_avg"], saved[index])  # same values, new layout
+
+
+def test_compiled_accumulation_passes_share_one_graph(monkeypatch):
+    """--compile with --grad_accum: the pass index reaches the noise draw as a tensor, so passes 2..4 run what the
+    first pass compiled (with the index as a Python int on the modules, each pass compiled its own graphs)."""
+    from torch._dynamo.testing import CompileCounter
+
+    import train as train_module
+
+    counter = CompileCounter()
+    real_compile = torch.compile
+    monkeypatch.setattr(train_module.torch, "compile", lambda module: real_compile(module, backend=counter))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    trainer = Trainer(tiny_hps(n_batch=4, grad_accum=4, compile=True), torch.device("cpu"))
+    images, labels = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8), torch.arange(4) % 10
+    counts = []
+    for index in range(4):
+        trainer._forward(images, labels, (index, 4))
+        counts.append(counter.frame_count)
+    torch._dynamo.reset()
+    assert counts[0] >= 1 and counts == [counts[0]] * 4, counts
