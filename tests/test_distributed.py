@@ -326,7 +326,7 @@ def test_a_torchrun_job_takes_one_lock_and_a_second_job_on_its_folder_is_refused
         holder = (run_dir / ".lock").read_text().split()[1]
         assert holder in {str(w) for w in workers} and _environ(int(holder)).get("RANK") == "0"  # rank 0 holds it
         second = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / "train.py"),
-                     *tiny_cli_args(tmp_path / "other", n_batch=8, max_steps=2, eval_every=0, save_dir=run_dir))
+                     *tiny_cli_args(run_dir, n_batch=8, max_steps=2, eval_every=0))
         assert second.returncode != 0 and f"is in use by pid {holder} on " in second.stderr
     finally:
         first.send_signal(signal.SIGTERM)

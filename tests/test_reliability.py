@@ -197,7 +197,7 @@ def test_a_checkpoint_with_a_malicious_pickle_is_refused_without_running_it(tmp_
         assert not marker.exists()
 
 
-def test_safetensors_export_loads_everywhere_and_samples_the_same(tmp_path):
+def test_safetensors_export_samples_the_same_and_evaluates(tmp_path):
     run_dir = tmp_path / "run"
     assert run("train.py", *tiny_cli_args(run_dir)).returncode == 0
     exported = tmp_path / "model.safetensors"
