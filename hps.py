@@ -65,13 +65,19 @@ class Hyperparams:
                          "synced across devices only on the last): global batch = n_batch x devices x grad_accum")
     augment_shift: int = _f(0, "random translation by up to this many pixels as augmentation (0: none)")
     # speed and memory (``auto`` picks what measured fastest on the device; see README, Speed)
-    precision: str = _f("auto", "autocast precision: auto (bf16 on GPUs that have it, else fp16 with a gradient "
-                        "scaler; fp32 on CPU), fp32, bf16 or fp16; likelihood and KL always run in fp32")
-    channels_last: str = _f("auto", "channels-last memory format: auto (on for CUDA, off on CPU), on or off")
+    precision: str = _f("auto", "autocast precision: auto (measured: the fastest of fp32 and the low precision the "
+                        "hardware has, bf16 on GPUs with native bf16 and CPUs with AVX512-BF16 or AMX, fp16 with a "
+                        "gradient scaler on older GPUs, kept only when a fixed batch's loss is within 1%% of fp32's; "
+                        "see speed.py), fp32, bf16 or fp16; likelihood and KL always run in fp32")
+    channels_last: str = _f("auto", "channels-last memory format: auto (measured, see speed.py), on or off")
     compile: bool = _f(False, "torch.compile the training forward pass (checkpoints keep the plain weights)")
-    grad_checkpoint: str = _f("gelu", "activation checkpointing: none; gelu (recompute the GELUs in the backward "
+    grad_checkpoint: str = _f("auto", "activation checkpointing: auto (recompute only when memory asks for it: none "
+                              "when the run fits in --memory_budget or the free memory, else gelu, else blocks; "
+                              "when two fit, the faster measured); none; gelu (recompute the GELUs in the backward "
                               "pass, about half the activation memory); blocks (recompute every block: least "
                               "memory, about 1.3x the step time)")
+    memory_budget: float = _f(0.0, "GB of memory the run may use, for --grad_checkpoint auto (0: the free GPU memory, "
+                              "or the free RAM on the CPU)")
     # run length and bookkeeping
     max_steps: int = _f(0, "stop after this many optimizer steps, then evaluate, sample and save (0: no limit)")
     num_epochs: int = _f(10000, "stop after this many passes over the training set")
@@ -120,7 +126,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DATASET_IMAGES = {"cifar10": (32, 3), "digits": (8, 1), "mnist": (32, 1), "cifar100": (32, 3), "svhn": (32, 3),
                   "celeba64": (64, 3), "imagenet32": (32, 3), "imagenet64": (64, 3), "ffhq256": (256, 3),
                   "ffhq1024": (1024, 3), "folder": (64, 3)}
-GRAD_CHECKPOINTS = ("none", "gelu", "blocks")
+GRAD_CHECKPOINTS = ("auto", "none", "gelu", "blocks")
 _FIELD_NAMES = frozenset(f.name for f in fields(Hyperparams))
 SETTABLE = [f for f in fields(Hyperparams) if not f.metadata["derived"]]
 
@@ -286,7 +292,7 @@ def validate(h: Hyperparams) -> None:
                         "and --likelihood dmol")
     if h.gaussian_std < 0:
         raise UserError(f"--gaussian_std must be >= 0 (0: learned), got {h.gaussian_std}")
-    for name in ["max_steps", "eval_every", "warmup_iters", "wd", "augment_shift", "grad_clip",
+    for name in ["max_steps", "eval_every", "warmup_iters", "wd", "augment_shift", "grad_clip", "memory_budget",
                  "keep_every", "keep_last", "skip_limit"]:
         if getattr(h, name) < 0:
             raise UserError(f"--{name} must be >= 0, got {getattr(h, name)}")

@@ -34,6 +34,7 @@ from utils import (CHECKPOINT_FORMAT, Dist, NullLogger, RunFolderLock, RunLogger
                    autocast, crop_padding, device_rng_state, end_distributed, init_distributed, keep_copy,
                    load_checkpoint, load_newest_checkpoint, remove_stale_temporaries, resolve_channels_last,
                    resolve_precision, run_cli, save_grid, saved_device_rng_state, seeded, set_device_rng_state)
+from speed import choose_speed_settings
 from vae import VAE, count_parameters
 from vae_helpers import parse_layer_string
 
@@ -461,7 +462,13 @@ def train(H: Hyperparams, dist: Dist, device: torch.device) -> None:
             log.info(f"removed {tmp.name}, a checkpoint left half-written by a process that was killed while saving")
     conditional = H.n_classes > 0
 
-    # ---- model, EMA, optimiser ----------------------------------------------------------------
+    # ---- speed settings, model, EMA, optimiser ------------------------------------------------
+    steps_per_epoch = len(data.train) // global_batch
+    total = min(H.max_steps or math.inf, H.num_epochs * steps_per_epoch)
+    # the auto fields, measured on this machine (or read from the cache of an earlier measurement) by rank 0
+    settings = dist.broadcast(choose_speed_settings(H, device, total, Trainer, log=log.info) if dist.main else None)
+    for field, value in settings.items():
+        setattr(H, field, value)
     trainer = Trainer(H, device, dist=dist)
     model, ema = trainer.model, trainer.ema
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped": 0,
@@ -513,8 +520,6 @@ def train(H: Hyperparams, dist: Dist, device: torch.device) -> None:
         return result
 
     # ---- the loop -----------------------------------------------------------------------------
-    steps_per_epoch = len(data.train) // global_batch
-    total = min(H.max_steps or math.inf, H.num_epochs * steps_per_epoch)
     bar = tqdm(total=total, initial=state["step"], desc="train", dynamic_ncols=True, mininterval=1.0,
                file=sys.stderr, disable=not dist.main)
     window = Window(device, dist)

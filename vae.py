@@ -23,7 +23,7 @@ from hps import Hyperparams
 from vae_helpers import (Block, bernoulli_log_prob, bernoulli_sample, discretized_gaussian_log_prob,
                          discretized_gaussian_sample, dmol_log_prob, dmol_sample, draw_gaussian_diag_samples,
                          gaussian_analytical_kl, gaussian_log_prob, get_conv, get_width_settings,
-                         likelihood_param_count, parse_layer_string)
+                         likelihood_param_count, parse_layer_string, without_autocast)
 
 
 # Under --grad_checkpoint blocks, runs of this many consecutive blocks are recomputed together: half the
@@ -162,7 +162,7 @@ class OutputNet(nn.Module):
 
     def forward(self, px_z: torch.Tensor) -> torch.Tensor:
         # the likelihood's parameters in fp32 even under autocast: bf16 would round the DMOL's means and scales
-        with torch.autocast(px_z.device.type, enabled=False):
+        with without_autocast(px_z.device.type):
             return self.out_conv(px_z.float())
 
     def crop(self, t: torch.Tensor) -> torch.Tensor:

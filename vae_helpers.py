@@ -5,6 +5,8 @@ All likelihood and KL maths runs in float32, even when the caller is under autoc
 """
 from __future__ import annotations
 
+import contextlib
+
 import math
 import re
 from collections import defaultdict
@@ -101,6 +103,14 @@ class GeluConv(torch.autograd.Function):
         return (grad_w, grad_b, None, *grad_xs)
 
 
+def without_autocast(device_type: str):
+    """A region that runs in the tensors' own precision even inside an autocast region (a no-op context on devices
+    without autocast, such as the meta device that measures activation memory)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def gelu_conv(conv: nn.Conv2d, xs: list[torch.Tensor], recompute_gelu: bool) -> torch.Tensor:
     """conv(gelu(cat(xs))); with ``recompute_gelu`` (while training) through the memory-saving GeluConv."""
     if recompute_gelu and torch.is_grad_enabled():
@@ -135,7 +145,7 @@ class Block(nn.Module):
         for conv in (self.c1, self.c2, self.c3):
             h = [gelu_conv(conv, h, self.recompute_gelu)]
         if self.fp32_last:  # a cheap 1x1 conv whose outputs are means and log-scales: fp32 even under autocast
-            with torch.autocast(h[0].device.type, enabled=False):
+            with without_autocast(h[0].device.type):
                 h = [gelu_conv(self.c4, [h[0].float()], self.recompute_gelu)]
         else:
             h = [gelu_conv(self.c4, h, self.recompute_gelu)]

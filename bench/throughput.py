@@ -11,17 +11,21 @@ images/s. Peak memory (of training; then with sampling too) is CUDA's max alloca
 RSS on the CPU. Modes:
 
     eager_fp32        fp32, contiguous tensors, foreach AdamW, nothing recomputed: the reference's way
-    default           what train.py does on this device (--precision/--channels_last auto, gelu recompute)
+    default           what train.py does on this device: the auto settings, measured by speed.py (or read from
+                      its cache) for this model and batch, as a long run would choose them
     fused_adamw       eager_fp32 with the fused AdamW
     gelu_recompute    eager_fp32 recomputing the GELUs in the backward pass (less memory)
     channels_last     eager_fp32 in the channels-last memory format
     bf16 / fp16       eager_fp32 under autocast (fp16 with a gradient scaler; CUDA only)
     compile           eager_fp32 with torch.compile (its first compile is not timed)
     combined          every speed-up above that this device has, together
+    default_gelu      default recomputing the GELUs in the backward pass (less memory)
     checkpoint_blocks default recomputing every block in the backward pass (least memory)
 
-Ends with one JSON line: device, hps, n_batch, every mode's train_img_s / sample_img_s / peak_mem_mb,
-the best (fastest-training) mode, and the speed-ups of that mode over eager_fp32.
+Ends with one JSON line: device (the GPU's name, or the CPU's with its vector instruction sets), torch, hps,
+n_batch, every mode's train_img_s / sample_img_s / peak_mem_mb, the best (fastest-training) mode and its speed-ups
+over eager_fp32, the default's speed-ups over eager_fp32, and memory_saver: the fastest mode whose training peak
+memory is at most 0.6x eager_fp32's.
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hps import DATASET_IMAGES, hparams_from_preset  # noqa: E402
+from speed import choose_speed_settings, cpu_has_bf16, machine_description  # noqa: E402
 from train import Trainer  # noqa: E402
 from utils import UserError, autocast, pick_device, run_cli  # noqa: E402
 
@@ -55,12 +60,14 @@ MODES: dict[str, tuple[dict, bool | None]] = {
     "fp16": (dict(PLAIN, precision="fp16"), False),
     "compile": (dict(PLAIN, compile=True), False),
     "combined": (dict(precision="auto", channels_last="on", compile=True, grad_checkpoint="gelu"), True),
+    "default_gelu": (dict(grad_checkpoint="gelu"), None),
     "checkpoint_blocks": (dict(grad_checkpoint="blocks"), None),
 }
+ON_DEFAULT = ("default", "default_gelu", "checkpoint_blocks")  # the auto settings first, then the mode's overrides
 # --quick on the CPU (under 10 minutes for cifar10 at batch 8 on 2 cores): the baseline, the default and the
-# switches that run at CPU speed. Compiling the cifar10 model takes minutes there, and bf16 autocast on a CPU
-# without bf16 instructions had not finished 4 steps of it after 8 minutes.
-QUICK_ON_CPU = ("eager_fp32", "default", "gelu_recompute", "channels_last", "checkpoint_blocks")
+# switches that run at CPU speed, and bf16 where the CPU has bf16 instructions. Compiling the cifar10 model takes
+# minutes there, and bf16 autocast on a CPU without them had not finished 4 steps of it after 8 minutes.
+QUICK_ON_CPU = ("eager_fp32", "default", "gelu_recompute", "channels_last", "default_gelu", "checkpoint_blocks")
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -78,8 +85,13 @@ def measure_mode(mode: str, args) -> dict:
     """Time one mode in this process: training steps, then sampling; returns its figures."""
     device = pick_device(args.device)
     overrides, fused = MODES[mode]
-    H = hparams_from_preset(args.hps, dict(overrides, n_batch=args.n_batch, max_steps=0, lr_decay="none"))
+    H = hparams_from_preset(args.hps, dict(n_batch=args.n_batch, max_steps=0, lr_decay="none"))
     H.image_size, H.image_channels = args.image_size, args.image_channels
+    if mode in ON_DEFAULT:  # what a long train.py run picks here (read from the cache the probe filled)
+        for field, value in choose_speed_settings(H, device, float("inf"), Trainer, log=lambda m: None).items():
+            setattr(H, field, value)
+    for field, value in overrides.items():
+        setattr(H, field, value)
     torch.manual_seed(0)
     trainer = Trainer(H, device, fused=fused)
     shape = (args.n_batch, H.image_channels, H.image_size, H.image_size)
@@ -123,8 +135,8 @@ def modes_to_run(args, device: torch.device) -> list[str]:
             raise UserError(f"unknown mode {unknown[0]!r}; valid: {', '.join(MODES)}")
         return names
     names = [m for m in MODES if m != "fp16" or device.type == "cuda"]  # fp16 autocast is for older GPUs
-    if args.quick and device.type == "cpu":
-        names = [m for m in names if m in QUICK_ON_CPU]
+    if args.quick and device.type == "cpu":  # bf16 too where the CPU has bf16 instructions
+        names = [m for m in names if m in QUICK_ON_CPU or (m == "bf16" and cpu_has_bf16())]
     return names
 
 
@@ -158,12 +170,24 @@ def main(argv: list[str]) -> None:
     size, channels = DATASET_IMAGES.get(H.dataset, (None, None))
     args.image_size = args.image_size or size
     args.image_channels = args.image_channels or channels
+    if args.worker == "probe":  # speed.py's measurement for the default mode, in a process of its own
+        device = pick_device(args.device)
+        H = hparams_from_preset(args.hps, dict(n_batch=args.n_batch, max_steps=0, lr_decay="none"))
+        H.image_size, H.image_channels = args.image_size, args.image_channels
+        print(json.dumps(choose_speed_settings(H, device, float("inf"), Trainer, log=lambda m: None)))
+        return
     if args.worker:
         print(json.dumps(measure_mode(args.worker, args)))
         return
 
     device = pick_device(args.device)
     results = {}
+    if set(ON_DEFAULT) & set(modes_to_run(args, device)):  # its probe runs first, so the default mode reads its choice from
+        t0 = time.perf_counter()                 # the cache and its peak memory is its own
+        proc = subprocess.run([sys.executable, __file__, *argv, "--worker", "probe"], capture_output=True, text=True,
+                              env=dict(os.environ), check=False)
+        probe = proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 else proc.stderr.strip()[-300:]
+        print(f"speed.py chose {probe} in {time.perf_counter() - t0:.0f} s (cached for train.py)", flush=True)
     for mode in modes_to_run(args, device):
         cmd = [sys.executable, __file__, *argv, "--worker", mode]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), check=False)
@@ -180,12 +204,20 @@ def main(argv: list[str]) -> None:
     ok = {m: r for m, r in results.items() if "error" not in r}
     best = max(ok, key=lambda m: ok[m]["train_img_s"]) if ok else None
     base = ok.get("eager_fp32")
+    savers = [m for m in ok if base and ok[m]["peak_mem_mb"] <= 0.6 * base["peak_mem_mb"]]
+    saver = max(savers, key=lambda m: ok[m]["train_img_s"]) if savers else None
+
+    def ratio(mode: str | None, key: str) -> float | None:
+        return round(ok[mode][key] / base[key], 3) if mode in ok and base else None
     summary = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "device": machine_description(device), "cores": os.cpu_count(), "torch": torch.__version__,
         "hps": args.hps, "n_batch": args.n_batch, "n_batch_sample": args.n_batch_sample,
         "modes": results, "best_mode": best, "best": ok.get(best),
-        "speedup_train": round(ok[best]["train_img_s"] / base["train_img_s"], 3) if best and base else None,
-        "speedup_sample": round(ok[best]["sample_img_s"] / base["sample_img_s"], 3) if best and base else None,
+        "speedup_train": ratio(best, "train_img_s"), "speedup_sample": ratio(best, "sample_img_s"),
+        "default_speedup_train": ratio("default", "train_img_s"),
+        "default_speedup_sample": ratio("default", "sample_img_s"),
+        "memory_saver": {"mode": saver, "train_vs_eager": ratio(saver, "train_img_s"),
+                         "peak_mem_vs_eager": ratio(saver, "peak_mem_mb")},
     }
     print(json.dumps(summary))
 

@@ -1,14 +1,18 @@
 """Shared fixtures: the repository on sys.path, and tiny settings that train in seconds on a CPU."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# the speed settings' cache (speed.py) of the tests and of every command they start: never the user's own
+os.environ["VDVAE_SPEED_CACHE"] = str(Path(tempfile.mkdtemp(prefix="vdvae-speed-cache-")) / "speed.json")
 
 # A digits model small enough for a training step in milliseconds: every resolution, every block kind.
 TINY = {"width": 16, "zdim": 4, "num_mixtures": 3, "enc_blocks": "8x1,8d2,4x1,4d4,1x1",
@@ -52,3 +56,16 @@ def trained_run(tmp_path_factory):
     result = run("train.py", *tiny_cli_args(run_dir))
     assert result.returncode == 0, result.stderr[-2000:]
     return run_dir, result
+
+
+def write_damaged_weights(folder: Path, run_dir: Path) -> dict[str, Path]:
+    """Weights files that must be refused, next to a good run: a truncated checkpoint, a foreign .pt, a safetensors
+    file with a broken header, an empty folder."""
+    import torch
+
+    (folder / "corrupt.pt").write_bytes((run_dir / "latest.pt").read_bytes()[:2000])
+    torch.save({"weights": torch.zeros(3)}, folder / "foreign.pt")
+    (folder / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    (folder / "empty").mkdir()
+    return {"CORRUPT": folder / "corrupt.pt", "FOREIGN": folder / "foreign.pt",
+            "BADSAFETENSORS": folder / "bad.safetensors", "EMPTYDIR": folder / "empty"}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run, tiny_cli_args
+from conftest import run, tiny_cli_args, write_damaged_weights
 
 
 def test_train_writes_checkpoint_logs_and_samples(trained_run):
@@ -157,16 +157,12 @@ def bad_files(trained_run, tmp_path_factory):
     """Damaged and foreign weight files next to a good run."""
     folder = tmp_path_factory.mktemp("bad")
     run_dir, _ = trained_run
-    (folder / "corrupt.pt").write_bytes((run_dir / "latest.pt").read_bytes()[:2000])
-    torch.save({"weights": torch.zeros(3)}, folder / "foreign.pt")
-    (folder / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
-    (folder / "empty").mkdir()
+    damaged = write_damaged_weights(folder, run_dir)
     unconditional = folder / "unconditional"
     assert run("train.py", *tiny_cli_args(unconditional, n_classes=0, max_steps=1)).returncode == 0
     assert run("sample.py", "--weights", str(run_dir), "--export", str(folder / "ema.safetensors")).returncode == 0
     return {"RUN": str(run_dir), "UNCONDITIONAL": str(unconditional), "EMASAFETENSORS": str(folder / "ema.safetensors"),
-            "CORRUPT": str(folder / "corrupt.pt"), "FOREIGN": str(folder / "foreign.pt"),
-            "BADSAFETENSORS": str(folder / "bad.safetensors"), "EMPTYDIR": str(folder / "empty")}
+            **{name: str(path) for name, path in damaged.items()}}
 
 
 def snapshot(folder) -> dict:

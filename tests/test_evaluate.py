@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run, tiny_cli_args, tiny_hps
+from conftest import ROOT, run, tiny_cli_args, tiny_hps, write_damaged_weights
 from data import Split
 from evaluate import class_conditional_bpd, evaluate_elbo, importance_weighted_bpd
 from vae import VAE
@@ -195,18 +195,14 @@ def evaluate_bad_files(trained_run, tmp_path_factory):
     """Damaged, foreign and misfitting weights (ours and openai/vdvae's .th) beside the shared trained run."""
     folder = tmp_path_factory.mktemp("bad_evaluate")
     run_dir, _ = trained_run
-    (folder / "corrupt.pt").write_bytes((run_dir / "latest.pt").read_bytes()[:2000])
-    torch.save({"weights": torch.zeros(3)}, folder / "foreign.pt")
-    (folder / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
-    (folder / "empty").mkdir()
+    damaged = write_damaged_weights(folder, run_dir)
     misfit = torch.load(run_dir / "latest.pt", weights_only=True)
     misfit["hps"]["width"] = 32  # describes a wider model than its weights are
     torch.save(misfit, folder / "misfit.pt")
     (folder / "corrupt.th").write_bytes(b"PK\x03\x04 not a zip archive")
     torch.save({"step": 5, "weights": torch.zeros(2)}, folder / "foreign.th")
     torch.save({"module.decoder.gain": torch.zeros(1, 256, 1, 1)}, folder / "reshaped.th")
-    return {"CORRUPT": folder / "corrupt.pt", "FOREIGN": folder / "foreign.pt", "EMPTYDIR": folder / "empty",
-            "BADSAFETENSORS": folder / "bad.safetensors", "MISFIT": folder / "misfit.pt",
+    return {**damaged, "MISFIT": folder / "misfit.pt",
             "CORRUPT_TH": folder / "corrupt.th", "FOREIGN_TH": folder / "foreign.th",
             "RESHAPED_TH": folder / "reshaped.th", "folder": folder}
 

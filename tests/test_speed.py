@@ -127,6 +127,9 @@ def test_throughput_bench_prints_every_mode_and_a_json_line():
     for figures in summary["modes"].values():
         assert figures["train_img_s"] > 0 and figures["sample_img_s"] > 0 and figures["peak_mem_mb"] > 0
     assert summary["best_mode"] in summary["modes"] and summary["speedup_train"] > 0
+    assert summary["device"]["cpu"] and "flags" in summary["device"] and summary["default_speedup_train"] > 0
+    saver = summary["memory_saver"]["mode"]  # the fastest mode at most 0.6x eager_fp32's peak memory, if any
+    assert saver is None or summary["modes"][saver]["peak_mem_mb"] <= 0.6 * summary["modes"]["eager_fp32"]["peak_mem_mb"]
 
 
 def test_auto_precision_wants_native_bf16_on_a_gpu(monkeypatch):
@@ -187,3 +190,98 @@ def test_compiled_accumulation_passes_share_one_graph(monkeypatch):
         counts.append(counter.frame_count)
     torch._dynamo.reset()
     assert counts[0] >= 1 and counts == [counts[0]] * 4, counts
+
+
+# ---- auto speed settings (speed.py): decided by measuring, cached, explicit flags first ----------------------
+
+
+def _auto_hps(**overrides):
+    return tiny_hps(precision="auto", channels_last="auto", grad_checkpoint="auto", **overrides)
+
+
+def _fake_measure(seconds: dict, losses: dict | None = None, calls: list | None = None):
+    """A timer stand-in: seconds per step (and fixed-batch loss) by (precision, channels_last, grad_checkpoint)."""
+    def measure(H, device, settings, trainer_class):
+        key = (settings["precision"], settings["channels_last"], settings["grad_checkpoint"])
+        if calls is not None:
+            calls.append(key)
+        return seconds.get(key, 1.0), (losses or {}).get(key, 5.0)
+    return measure
+
+
+def test_auto_picks_the_fastest_measured_setting_and_a_low_precision_only_when_accurate(tmp_path, monkeypatch):
+    import speed
+
+    monkeypatch.setattr(speed, "low_precision", lambda device: "bf16")
+    cpu = torch.device("cpu")
+    seconds = {("fp32", "on", "none"): 0.5, ("bf16", "off", "none"): 0.3, ("fp32", "off", "gelu"): 0.9}
+    calls = []
+    choice = speed.choose_speed_settings(_auto_hps(), cpu, 1e6, Trainer, log=lambda m: None,
+                                         cache_path=tmp_path / "a.json", measure=_fake_measure(seconds, calls=calls))
+    assert choice == {"precision": "bf16", "channels_last": "off", "grad_checkpoint": "none"}
+    assert len(calls) == 8  # 2 precisions x 2 layouts x (none, gelu): the tiny model fits without recomputing
+    # the same timings, but bf16 moves the fixed batch's loss by 2%: the fastest fp32 setting instead
+    losses = {k: 5.0 for k in calls} | {("bf16", "off", "none"): 5.1}
+    choice = speed.choose_speed_settings(_auto_hps(), cpu, 1e6, Trainer, log=lambda m: None,
+                                         cache_path=tmp_path / "b.json", measure=_fake_measure(seconds, losses))
+    assert choice == {"precision": "fp32", "channels_last": "on", "grad_checkpoint": "none"}
+
+
+def test_explicit_speed_flags_win_over_auto(tmp_path):
+    import speed
+
+    calls = []
+    measure = _fake_measure({("fp32", "off", "gelu"): 0.1}, calls=calls)
+    fixed = tiny_hps(precision="fp32", channels_last="on", grad_checkpoint="blocks")
+    assert speed.choose_speed_settings(fixed, torch.device("cpu"), 1e6, Trainer, cache_path=tmp_path / "c.json",
+                                       measure=measure) == {"precision": "fp32", "channels_last": "on",
+                                                            "grad_checkpoint": "blocks"}
+    assert calls == []  # nothing left to decide: no probe
+    partly = tiny_hps(precision="fp32", channels_last="auto", grad_checkpoint="gelu")
+    choice = speed.choose_speed_settings(partly, torch.device("cpu"), 1e6, Trainer, log=lambda m: None,
+                                         cache_path=tmp_path / "c.json", measure=measure)
+    assert sorted(calls) == [("fp32", "off", "gelu"), ("fp32", "on", "gelu")]  # only the auto field varies
+    assert choice == {"precision": "fp32", "channels_last": "off", "grad_checkpoint": "gelu"}
+
+
+def test_the_cache_spares_the_probe_until_torch_or_the_model_changes(tmp_path, monkeypatch):
+    import speed
+
+    cache, calls, log = tmp_path / "speed.json", [], []
+    measure = _fake_measure({}, calls=calls)
+
+    def choose(h):
+        return speed.choose_speed_settings(h, torch.device("cpu"), 1e6, Trainer, log=log.append, cache_path=cache,
+                                           measure=measure)
+    first = choose(_auto_hps())
+    probes = len(calls)
+    assert probes > 0 and cache.is_file()
+    assert choose(_auto_hps()) == first and len(calls) == probes and "from the cache" in log[-1]
+    choose(_auto_hps(n_batch=32))  # another batch: measured again
+    assert len(calls) == 2 * probes
+    choose(_auto_hps(width=24))  # another model shape
+    assert len(calls) == 3 * probes
+    monkeypatch.setattr(torch, "__version__", "9.9.9")  # another torch
+    choose(_auto_hps())
+    assert len(calls) == 4 * probes
+    assert len(json.loads(cache.read_text())) == 4
+
+
+def test_short_runs_use_the_rule_and_memory_decides_the_recomputation(tmp_path):
+    import speed
+
+    calls, log = [], []
+    choice = speed.choose_speed_settings(_auto_hps(), torch.device("cpu"), 20, Trainer, log=log.append,
+                                         cache_path=tmp_path / "d.json", measure=_fake_measure({}, calls=calls))
+    assert calls == [] and "by rule" in log[-1] and choice["grad_checkpoint"] == "none"
+    # activation memory, measured on the meta device: recomputing GELUs saves memory, recomputing blocks more
+    h = _auto_hps()
+    none, gelu, blocks = (speed.activation_bytes_per_image(h, m) for m in ("none", "gelu", "blocks"))
+    assert none > gelu > blocks > 0
+    # a budget that holds the state and the GELU-recomputing activations but not all of them
+    state = speed.parameter_count(h) * speed.STATE_BYTES_PER_PARAMETER
+    budget = (state + h.n_batch * (gelu + none) / 2) / speed.MEMORY_HEADROOM
+    fitting, _ = speed.fitting_checkpoint_modes(_auto_hps(memory_budget=budget / 2**30), torch.device("cpu"))
+    assert fitting == ["gelu", "blocks"]
+    fitting, _ = speed.fitting_checkpoint_modes(_auto_hps(memory_budget=1e-9), torch.device("cpu"))
+    assert fitting == ["blocks"]  # nothing fits: the least memory there is
