@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,7 @@ import torch
 
 from data import Split, load_data_for
 from hps import PRECISIONS, Hyperparams
-from utils import (CliParser, UserError, add_checkpoint_flags, autocast, crop_padding, labelled_grid, load_checkpoint,
+from utils import (CliParser, UserError, add_checkpoint_flags, autocast, available_memory, crop_padding, labelled_grid, load_checkpoint,
                    pick_device, resolve_precision, run_cli, save_gif, save_grid)
 from vae import VAE
 
@@ -193,14 +192,6 @@ def check_output_size(n: int, nrow: int, image_shape: tuple[int, ...], suffix: s
         if side > MAX_PICTURE_SIDE:
             raise UserError(f"{n:,} samples in rows of {nrow:,} make a picture {side:,} pixels across, more than "
                             f"{MAX_PICTURE_SIDE:,}: ask for fewer with --n, or write arrays with --out x.npz")
-
-
-def available_memory() -> int | None:
-    """Bytes of memory free for new allocations (Linux and macOS), or None where it cannot be told."""
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def sample_batched(model: VAE, n: int, labels: torch.Tensor | None, temperature, n_batch: int,

@@ -35,6 +35,8 @@ from typing import Any, Callable
 
 import torch
 
+from utils import autocast, available_memory, seeded
+
 SPEED_FIELDS = ("precision", "channels_last", "grad_checkpoint")
 PROBE_STEPS, PROBE_WARMUP = 3, 1  # timed and untimed steps per candidate
 PROBE_SHARE = 0.05  # the largest share of a run's steps the probe may take
@@ -113,8 +115,9 @@ def rule(H, device: torch.device, fitting: list[str]) -> dict[str, str]:
 
 def candidates(H, device: torch.device, fitting: list[str]) -> list[dict[str, str]]:
     """Every combination of the options of the fields left at auto (explicit values fixed)."""
+    low = low_precision(device)
     options = {
-        "precision": ["fp32"] + ([low_precision(device)] if low_precision(device) else []),
+        "precision": ["fp32"] + ([low] if low else []),
         "channels_last": ["off", "on"],
         "grad_checkpoint": fitting[:2],  # the least recomputation that fits, and the next one down
     }
@@ -164,10 +167,7 @@ def memory_available(device: torch.device, budget_gb: float) -> int | None:
         return int(budget_gb * 2**30)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    return available_memory()
 
 
 def parameter_count(H) -> int:
@@ -236,8 +236,6 @@ def time_candidate(H, device: torch.device, settings: dict[str, str], trainer_cl
                    timer: Callable[[], float] = time.perf_counter) -> tuple[float, float]:
     """Median seconds per training step of ``settings`` on synthetic images (through ``trainer_class``, train.py's
     Trainer), and the loss of a fixed batch under them (for the precision check)."""
-    from utils import autocast, seeded
-
     h = copy.deepcopy(H)
     for field, value in settings.items():
         setattr(h, field, value)
@@ -270,13 +268,13 @@ def choose_speed_settings(H, device: torch.device, total_steps: float, trainer_c
     ``trainer_class`` (train.py's Trainer) runs the timed steps."""
     if all(getattr(H, f) != "auto" for f in SPEED_FIELDS):
         return {f: getattr(H, f) for f in SPEED_FIELDS}
-    fitting, memory = fitting_checkpoint_modes(H, device)
     cache_path = cache_path or default_cache_path()
     key = cache_key(H, device)
     cached = read_cache(cache_path).get(key)
     if cached:
         log(f"speed settings from the cache {cache_path}: {cached['choice']} (measured {cached['created']})")
         return cached["choice"]
+    fitting, memory = fitting_checkpoint_modes(H, device)
     combos = candidates(H, device, fitting)
     probe_steps = len(combos) * (PROBE_STEPS + PROBE_WARMUP)
     if len(combos) == 1 or probe_steps > PROBE_SHARE * total_steps:

@@ -198,12 +198,13 @@ class Trainer:
         in openai/vdvae. Returns device tensors: skipped (bool) and (loss, recon, kl in bits/dim, grad norm)."""
         H, accum = self.H, self.H.grad_accum
         passes = zip(images.chunk(accum), labels.chunk(accum) if labels is not None else [None] * accum)
-        rng = rng_state(self.device) if accum > 1 else None
+        rng = (torch.get_rng_state(), device_rng_state(self.device)) if accum > 1 else None
         self.optimizer.zero_grad(set_to_none=True)
         stats = torch.zeros(3, device=self.device)
         for k, (x, y) in enumerate(passes):
             if k > 0:  # every pass draws the global batch's shifts and noise from the same state and takes its slice
-                set_rng_state(rng, self.device)
+                torch.set_rng_state(rng[0])
+                set_device_rng_state(rng[1], self.device)
             shard = (k * self.dist.world + self.dist.rank, accum * self.dist.world)
             last = k == accum - 1
             # gradients sum locally over the passes; DDP averages them over ranks in the last backward only
@@ -262,23 +263,6 @@ def reshape_optimizer_state_like_parameters(optimizer: torch.optim.Optimizer) ->
             for key, value in optimizer.state.get(p, {}).items():
                 if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
                     optimizer.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
-
-
-def rng_state(device: torch.device) -> tuple:
-    """The global RNG state of the CPU and of ``device`` (where the posterior noise is drawn)."""
-    if device.type == "cuda":
-        return torch.get_rng_state(), torch.cuda.get_rng_state(device)
-    if device.type == "mps":
-        return torch.get_rng_state(), torch.mps.get_rng_state()
-    return torch.get_rng_state(), None
-
-
-def set_rng_state(state: tuple, device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state[1], device)
-    elif device.type == "mps":
-        torch.mps.set_rng_state(state[1])
 
 
 class Window:

@@ -272,6 +272,14 @@ def set_device_rng_state(state: Any, device) -> None:
         torch.mps.set_rng_state(state)
 
 
+def available_memory() -> int | None:
+    """Bytes of RAM free for new allocations (Linux and macOS), or None where it cannot be told."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def crop_padding(images, pad: int):
     """Images (..., H, W) without ``pad`` pixels on each side (unchanged for 0): what the likelihood scores of
     MNIST's padded 32x32, and so what pictures show."""
