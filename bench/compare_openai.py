@@ -14,8 +14,10 @@ both and the difference, then one JSON line.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -34,6 +36,8 @@ class AttrDict(dict):
     """openai/vdvae's Hyperparams: a dict read by attribute."""
 
     def __getattr__(self, name):
+        if name.startswith("__"):  # copy and pickle ask for protocol methods: none here
+            raise AttributeError(name)
         return self.get(name)
 
 
@@ -58,6 +62,61 @@ def their_model(vdvae: Path, H):
     settings = AttrDict(H.to_dict())
     settings.dataset = THEIR_DATASET_NAMES.get(H.hps, H.hps)
     return their_vae.VAE(settings)
+
+
+class _ReferenceSampler:
+    """Their EMA model behind our ``sample(n, labels)`` call: unconditional prior samples as uint8 NHWC (numpy)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @torch.no_grad()
+    def sample(self, n: int, labels=None):
+        return torch.from_numpy(self.model.forward_uncond_samples(n))
+
+
+class ReferenceTrainer:
+    """openai/vdvae's training step (their train.py ``training_step``) behind our Trainer's ``step``, for timing
+    beside ours on the same images: fp32, NHWC float input, forward, backward, gradient clipping with a host read
+    of the norm, NaN checks read on the host, an AdamW step and their EMA loop over the parameters. Their apex
+    FusedAdam (the same AdamW update) is stood in for by torch's fused AdamW; like their code, it leaves cuDNN's
+    benchmark mode off. Labels are ignored: their model is unconditional."""
+
+    amp_dtype = None
+
+    def __init__(self, vdvae: Path, H, device: torch.device):
+        self.H, self.device = H, device
+        self.model = their_model(Path(vdvae), H).to(device)
+        ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.ema = _ReferenceSampler(ema)
+        self.ema_model = ema
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=H.lr, weight_decay=H.wd,
+                                           betas=(H.adam_beta1, H.adam_beta2), fused=True)
+        self.ema_rate = torch.as_tensor(H.ema_rate, device=device)
+
+    def settings(self) -> str:
+        return "openai/vdvae's model and training step, fp32, fused AdamW for apex FusedAdam"
+
+    def step(self, images: torch.Tensor, labels=None) -> tuple[torch.Tensor, torch.Tensor]:
+        H = self.H
+        x = images.permute(0, 2, 3, 1).float()  # their data pipeline: NHWC floats
+        data_input, target = (x + H.data_shift) * H.data_scale, x / 127.5 - 1.0
+        self.model.zero_grad()
+        stats = self.model(data_input, target)
+        stats["elbo"].backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), H.grad_clip).item()
+        nans = torch.stack([torch.isnan(stats["distortion"]).sum(), torch.isnan(stats["rate"]).sum()]).tolist()
+        skipped = not (nans == [0, 0] and (H.skip_threshold == -1 or grad_norm < H.skip_threshold))
+        if not skipped:
+            self.optimizer.step()
+            with torch.no_grad():  # their update_ema, parameter by parameter
+                for p1, p2 in zip(self.model.parameters(), self.ema_model.parameters()):
+                    p2.data.mul_(self.ema_rate)
+                    p2.data.add_(p1.data * (1 - self.ema_rate))
+        elbo_bits = stats["elbo"].detach() / math.log(2.0)
+        return torch.tensor(skipped), torch.stack([elbo_bits, stats["distortion"].detach() / math.log(2.0),
+                                                   stats["rate"].detach() / math.log(2.0),
+                                                   torch.tensor(grad_norm, device=self.device)])
 
 
 def main(argv: list[str]) -> None:

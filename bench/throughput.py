@@ -3,6 +3,7 @@
     python bench/throughput.py --hps cifar10 --n_batch 16                  # on a GPU: every mode
     python bench/throughput.py --hps cifar10 --n_batch 8 --quick           # 2 CPU cores: under 10 minutes
     python bench/throughput.py --hps digits --modes eager_fp32,default     # chosen modes only
+    python bench/throughput.py --hps cifar10 --width 64 --modes default    # any train.py field overrides the preset
 
 Each mode runs in a process of its own (so its peak memory is its own) on synthetic uint8 images with
 random labels, through the same ``Trainer.step`` that train.py runs: the median of the timed training
@@ -21,6 +22,9 @@ RSS on the CPU. Modes:
     combined          every speed-up above that this device has, together
     default_gelu      default recomputing the GELUs in the backward pass (less memory)
     checkpoint_blocks default recomputing every block in the backward pass (least memory)
+    default_compile   default with torch.compile (its first compile is not timed)
+    reference         openai/vdvae's own model and training step in fp32 (bench/compare_openai.py's
+                      ReferenceTrainer; needs ``--vdvae``, a clone of github.com/openai/vdvae; unconditional)
 
 Ends with one JSON line: device (the GPU's name, or the CPU's with its vector instruction sets), torch, hps,
 n_batch, every mode's train_img_s / sample_img_s / peak_mem_mb, the best (fastest-training) mode and its speed-ups
@@ -42,8 +46,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # compare_openai, for the reference mode
 
-from hps import DATASET_IMAGES, hparams_from_preset  # noqa: E402
+from hps import DATASET_IMAGES, hparams_from_preset, parse_args  # noqa: E402
 from speed import choose_speed_settings, cpu_has_bf16, machine_description  # noqa: E402
 from train import Trainer  # noqa: E402
 from utils import UserError, autocast, pick_device, run_cli  # noqa: E402
@@ -62,8 +67,11 @@ MODES: dict[str, tuple[dict, bool | None]] = {
     "combined": (dict(precision="auto", channels_last="on", compile=True, grad_checkpoint="gelu"), True),
     "default_gelu": (dict(grad_checkpoint="gelu"), None),
     "checkpoint_blocks": (dict(grad_checkpoint="blocks"), None),
+    "default_compile": (dict(compile=True), None),
+    "reference": (PLAIN, None),
 }
-ON_DEFAULT = ("default", "default_gelu", "checkpoint_blocks")  # the auto settings first, then the mode's overrides
+ON_DEFAULT = ("default", "default_gelu", "checkpoint_blocks", "default_compile")
+NOT_BY_DEFAULT = ("reference", "default_compile")  # run only when named in --modes  # the auto settings first, then the mode's overrides
 # --quick on the CPU (under 10 minutes for cifar10 at batch 8 on 2 cores): the baseline, the default and the
 # switches that run at CPU speed, and bf16 where the CPU has bf16 instructions. Compiling the cifar10 model takes
 # minutes there, and bf16 autocast on a CPU without them had not finished 4 steps of it after 8 minutes.
@@ -85,7 +93,7 @@ def measure_mode(mode: str, args) -> dict:
     """Time one mode in this process: training steps, then sampling; returns its figures."""
     device = pick_device(args.device)
     overrides, fused = MODES[mode]
-    H = hparams_from_preset(args.hps, dict(n_batch=args.n_batch, max_steps=0, lr_decay="none"))
+    H = hparams_from_preset(args.hps, dict(args.overrides, n_batch=args.n_batch, max_steps=0, lr_decay="none"))
     H.image_size, H.image_channels = args.image_size, args.image_channels
     if mode in ON_DEFAULT:  # what a long train.py run picks here (read from the cache the probe filled)
         for field, value in choose_speed_settings(H, device, float("inf"), Trainer, log=lambda m: None).items():
@@ -93,7 +101,14 @@ def measure_mode(mode: str, args) -> dict:
     for field, value in overrides.items():
         setattr(H, field, value)
     torch.manual_seed(0)
-    trainer = Trainer(H, device, fused=fused)
+    if mode == "reference":
+        if not args.vdvae:
+            raise UserError("mode reference needs --vdvae, a clone of github.com/openai/vdvae")
+        from compare_openai import ReferenceTrainer
+        H.n_classes = 0
+        trainer = ReferenceTrainer(Path(args.vdvae), H, device)
+    else:
+        trainer = Trainer(H, device, fused=fused)
     shape = (args.n_batch, H.image_channels, H.image_size, H.image_size)
     images = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
     labels = torch.randint(0, H.n_classes, (args.n_batch,), device=device) if H.n_classes else None
@@ -109,22 +124,28 @@ def measure_mode(mode: str, args) -> dict:
     loss = stats[0].item()
     train_peak = peak_memory_mb(device)
 
-    model = trainer.ema
-    sample_labels = (torch.randint(0, H.n_classes, (args.n_batch_sample,), device=device) if H.n_classes
-                     else None)
-    sample_times = []
-    for i in range(1 + args.sample_reps):
-        synchronize(device)
-        t0 = time.perf_counter()
-        with autocast(device, trainer.amp_dtype):
-            model.sample(args.n_batch_sample, sample_labels).cpu()
-        if i >= 1:
-            sample_times.append(time.perf_counter() - t0)
+    sampling = {n: sampling_speed(trainer, H, n, args.sample_reps, device) for n in args.sample_batches}
     return {"train_img_s": round(args.n_batch / statistics.median(times), 3),
-            "sample_img_s": round(args.n_batch_sample / statistics.median(sample_times), 3),
+            "sample_img_s": sampling[args.sample_batches[0]],
+            "sample_img_s_by_batch": {str(n): v for n, v in sampling.items()},
             "peak_mem_mb": round(train_peak, 1), "peak_mem_with_sampling_mb": round(peak_memory_mb(device), 1),
             "step_s": round(statistics.median(times), 4), "last_loss": round(loss, 4),
             "settings": trainer.settings()}
+
+
+def sampling_speed(trainer, H, n: int, reps: int, device: torch.device) -> float:
+    """Images/s of prior sampling from the trainer's EMA model, ``n`` per batch: median of ``reps`` timed batches
+    after an untimed one."""
+    labels = torch.randint(0, H.n_classes, (n,), device=device) if H.n_classes else None
+    times = []
+    for i in range(1 + reps):
+        synchronize(device)
+        t0 = time.perf_counter()
+        with autocast(device, trainer.amp_dtype):
+            trainer.ema.sample(n, labels).cpu()
+        if i >= 1:
+            times.append(time.perf_counter() - t0)
+    return round(n / statistics.median(times), 3)
 
 
 def modes_to_run(args, device: torch.device) -> list[str]:
@@ -134,7 +155,7 @@ def modes_to_run(args, device: torch.device) -> list[str]:
         if unknown:
             raise UserError(f"unknown mode {unknown[0]!r}; valid: {', '.join(MODES)}")
         return names
-    names = [m for m in MODES if m != "fp16" or device.type == "cuda"]  # fp16 autocast is for older GPUs
+    names = [m for m in MODES if (m != "fp16" or device.type == "cuda") and m not in NOT_BY_DEFAULT]  # fp16 autocast is for older GPUs
     if args.quick and device.type == "cpu":  # bf16 too where the CPU has bf16 instructions
         names = [m for m in names if m in QUICK_ON_CPU or (m == "bf16" and cpu_has_bf16())]
     return names
@@ -144,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hps", default="cifar10", help="preset whose architecture is measured")
     p.add_argument("--n_batch", type=int, default=16, help="training images per step")
-    p.add_argument("--n_batch_sample", type=int, default=16, help="images per sampling batch")
+    p.add_argument("--n_batch_sample", default="16", help="images per sampling batch; several, comma-separated, "
+                   "are each timed (the first is sample_img_s)")
     p.add_argument("--image_size", type=int, default=None, help="image size (default: the preset's dataset)")
     p.add_argument("--image_channels", type=int, default=None, help="channels (default: the preset's dataset)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -154,25 +176,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="3 timed steps and 2 sampling batches per mode; "
                    "on the CPU only the modes in QUICK_ON_CPU")
     p.add_argument("--modes", default="", help=f"comma-separated subset of: {', '.join(MODES)}")
+    p.add_argument("--vdvae", default="", help="a clone of github.com/openai/vdvae, for the reference mode")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: measure this one mode
     return p
 
 
 
 
+def field_overrides(preset: str, flags: list[str]) -> dict:
+    """train.py's per-field flags (``--width 64``) given after this script's own, as hyperparameter overrides."""
+    if not flags:
+        return {}
+    _, namespace = parse_args(["--hps", preset, *flags], "")
+    return {k: v for k, v in vars(namespace).items() if k not in ("hps", "debug")}
+
+
 def main(argv: list[str]) -> None:
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
+    args.overrides = field_overrides(args.hps, rest)
     if args.quick:
         args.steps, args.warmup, args.sample_reps = 3, 1, 2
-    if min(args.n_batch, args.n_batch_sample, args.steps, args.sample_reps) <= 0 or args.warmup < 0:
+    try:
+        args.sample_batches = [int(n) for n in str(args.n_batch_sample).split(",")]
+    except ValueError:
+        raise UserError(f"--n_batch_sample takes whole numbers, comma-separated, not {args.n_batch_sample!r}") from None
+    args.n_batch_sample = args.sample_batches[0]
+    if min(args.n_batch, *args.sample_batches, args.steps, args.sample_reps) <= 0 or args.warmup < 0:
         raise UserError("--n_batch, --n_batch_sample, --steps and --sample_reps must be > 0")
-    H = hparams_from_preset(args.hps)
+    H = hparams_from_preset(args.hps, args.overrides)
     size, channels = DATASET_IMAGES.get(H.dataset, (None, None))
     args.image_size = args.image_size or size
     args.image_channels = args.image_channels or channels
     if args.worker == "probe":  # speed.py's measurement for the default mode, in a process of its own
         device = pick_device(args.device)
-        H = hparams_from_preset(args.hps, dict(n_batch=args.n_batch, max_steps=0, lr_decay="none"))
+        H = hparams_from_preset(args.hps, dict(args.overrides, n_batch=args.n_batch, max_steps=0, lr_decay="none"))
         H.image_size, H.image_channels = args.image_size, args.image_channels
         print(json.dumps(choose_speed_settings(H, device, float("inf"), Trainer, log=lambda m: None)))
         return
