@@ -25,97 +25,20 @@ Modes (``python sample.py MODE --help`` lists each one's options):
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from data import Split, load_data_for
-from hps import PRECISIONS, Hyperparams
-from utils import (CliParser, UserError, add_checkpoint_flags, autocast, available_memory, crop_padding, labelled_grid, load_checkpoint,
+from hps import PRECISIONS
+from models import export_safetensors, load_model, require_ability
+from utils import (CliParser, UserError, add_checkpoint_flags, autocast, available_memory, crop_padding, labelled_grid,
                    pick_device, resolve_precision, run_cli, save_gif, save_grid)
-from vae import VAE
 
-SAFETENSORS_FORMAT = "vdvae-weights-1"
 MODES = ("grid", "recon", "interp", "explore", "swap")
-
-
-def load_model(weights: str, device: torch.device, use_ema: bool = True,
-               hps: str | None = None) -> tuple[VAE, list[str]]:
-    """Build the model a checkpoint describes (ours ``.pt``, an exported ``.safetensors``, or openai/vdvae's
-    ``.th`` with its preset named by ``hps``) and load its (EMA) weights; returns it with the class names."""
-    if str(weights).endswith(".safetensors"):
-        state, hps_dict, class_names, attribute_means, kind = load_safetensors(weights)
-        if not use_ema and kind != "model":  # an export holds one set of weights: say so rather than ignore the flag
-            raise UserError(f"{weights} holds the EMA weights only (exported without --raw_weights): use it without "
-                            f"--raw_weights, or export the raw weights with sample.py --raw_weights --export")
-    else:
-        ckpt = load_any_checkpoint(weights, hps)
-        state, hps_dict, class_names = ckpt["ema" if use_ema else "model"], ckpt["hps"], ckpt["class_names"]
-        attribute_means = ckpt.get("attribute_means")
-    model = VAE(Hyperparams.from_dict(hps_dict))
-    model.attribute_means = attribute_means  # attribute models: the default setting of each attribute
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise UserError(f"weights in {weights} do not fit the model they describe: "
-                        f"{str(err).splitlines()[0]}") from None
-    return model.to(device).eval(), list(class_names)
-
-
-def load_any_checkpoint(weights: str, hps: str | None = None) -> dict:
-    """Our checkpoint, or openai/vdvae's ``.th`` state dict converted to one (it needs its preset)."""
-    from convert import checkpoint_from_openai, is_openai_checkpoint
-
-    if is_openai_checkpoint(weights):
-        if not hps:
-            raise UserError(f"{weights} is an openai/vdvae checkpoint: name its preset with --hps "
-                            f"(cifar10, imagenet32, imagenet64, ffhq256 or ffhq1024)")
-        return checkpoint_from_openai(weights, hps)
-    return load_checkpoint(weights)
-
-
-def export_safetensors(weights: str, out: Path, use_ema: bool = True, hps: str | None = None) -> None:
-    """Write one set of weights (EMA by default) with the hyperparameters and class names as metadata."""
-    write_safetensors(load_any_checkpoint(weights, hps), out, use_ema)
-
-
-def write_safetensors(ckpt: dict, out: Path, use_ema: bool = True) -> None:
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    state = {k: v.contiguous() for k, v in ckpt["ema" if use_ema else "model"].items()}
-    metadata = {"format": SAFETENSORS_FORMAT, "hps": json.dumps(ckpt["hps"]),
-                "class_names": json.dumps(ckpt["class_names"]), "step": str(ckpt["step"]),
-                "attribute_means": json.dumps(ckpt.get("attribute_means")),
-                "weights": "ema" if use_ema else "model"}
-    try:
-        save_file(state, str(out), metadata=metadata)
-    except OSError as err:
-        raise UserError(f"cannot write {out}: {err.strerror}") from None
-    except SafetensorError as err:  # safetensors' own error for a path it cannot create
-        raise UserError(f"cannot write {out}: {str(err).strip().splitlines()[0]}") from None
-
-
-def load_safetensors(path: str) -> tuple[dict, dict, list[str], list[float] | None, str]:
-    """Weights, hyperparameters, class names, attribute frequencies and which weights they are ("ema" or "model")
-    of an exported file (no code can run: no pickle)."""
-    from safetensors import SafetensorError, safe_open
-
-    if not Path(path).is_file():
-        raise UserError(f"weights file {path} does not exist")
-    try:
-        with safe_open(path, framework="pt") as fh:
-            metadata = fh.metadata() or {}
-            state = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open has no __iter__
-    except (SafetensorError, OSError, ValueError) as err:
-        raise UserError(f"cannot read {path}: {str(err).strip().splitlines()[0]}") from None
-    if metadata.get("format") != SAFETENSORS_FORMAT:
-        raise UserError(f"{path} was not exported by this project (no '{SAFETENSORS_FORMAT}' metadata)")
-    return (state, json.loads(metadata["hps"]), json.loads(metadata["class_names"]),
-            json.loads(metadata.get("attribute_means", "null")), metadata.get("weights", "ema"))
 
 
 def parse_classes(text: str, class_names: list[str]) -> list[int]:
@@ -148,9 +71,11 @@ def parse_ints(text: str, flag: str, low: int, high: int) -> list[int]:
     return values
 
 
-def parse_temperature(text: str, model: VAE) -> float | list[float]:
+def parse_temperature(text: str, model: nn.Module) -> float | list[float]:
     """One temperature; one per latent group; or RES:T pairs, one temperature per resolution."""
-    bases = [block.base for block in model.decoder.dec_blocks]
+    if ":" in text or "," in text:
+        require_ability(model, "per_group_temperature", "--temperature with several values")
+    bases = [block.base for block in model.decoder.dec_blocks] if "groups" in model.abilities else []
     try:
         if ":" in text:
             per_res = {int(r): float(t) for r, t in (item.split(":") for item in text.split(","))}
@@ -194,7 +119,7 @@ def check_output_size(n: int, nrow: int, image_shape: tuple[int, ...], suffix: s
                             f"{MAX_PICTURE_SIDE:,}: ask for fewer with --n, or write arrays with --out x.npz")
 
 
-def sample_batched(model: VAE, n: int, labels: torch.Tensor | None, temperature, n_batch: int,
+def sample_batched(model: nn.Module, n: int, labels: torch.Tensor | None, temperature, n_batch: int,
                    amp_dtype) -> torch.Tensor:
     """``n`` samples drawn ``n_batch`` at a time (uint8, on the CPU)."""
     chunks = []
@@ -240,7 +165,7 @@ class Session:
         self.multi_label = self.conditional and self.H.multi_label
         self.amp_dtype = resolve_precision(args.precision, self.device)
         self.temperature = parse_temperature(args.temperature, self.model)
-        self.n_groups = self.model.decoder.n_groups
+        self.n_groups = self.model.n_groups
 
     def n(self, default: int) -> int:
         return self.args.n if self.args.n is not None else default
@@ -331,7 +256,7 @@ class Session:
     def prior_noise(self, n: int, seed: int) -> list[torch.Tensor]:
         """Standard-normal noise for every latent group, ``n`` images, from ``seed``."""
         gen = torch.Generator().manual_seed(seed)
-        return [torch.randn((n, *shape), generator=gen).to(self.device) for shape in self.model.decoder.latent_shapes()]
+        return [torch.randn((n, *shape), generator=gen).to(self.device) for shape in self.model.latent_shapes()]
 
     def prior_noise_of(self, images: torch.Tensor, labels: torch.Tensor | None, k: int | None = None):
         torch.manual_seed(self.args.seed)  # draws for the groups below k
@@ -500,6 +425,7 @@ def with_progress_bar(picture, fraction: float):
 
 def run_explore(s: Session) -> str:
     args = s.args
+    require_ability(s.model, "groups", "sample.py explore")
     groups = parse_ints(args.groups, "--groups", 0, s.n_groups - 1) if args.groups else list(range(s.n_groups))
     cls = s.one_class(args.__dict__.get("class"))
     n = s.n(8)

@@ -136,12 +136,12 @@ def candidates(H, device: torch.device, fitting: list[str]) -> list[dict[str, st
 def activation_bytes_per_image(H, mode: str) -> int:
     """Bytes that autograd saves for the backward pass, per training image, with ``--grad_checkpoint mode``:
     counted in one forward pass of two images on the CPU, by the hooks through which autograd saves them."""
-    from vae import VAE
+    from models import build_model
 
     h = copy.deepcopy(H)
     h.grad_checkpoint = mode
     with torch.device("meta"):  # shapes only: no memory, no arithmetic, whatever the model's size
-        model = VAE(h).train()
+        model = build_model(h).train()
     seen: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -171,10 +171,11 @@ def memory_available(device: torch.device, budget_gb: float) -> int | None:
 
 
 def parameter_count(H) -> int:
-    from vae import VAE, count_parameters
+    from models import build_model
+    from vae import count_parameters
 
     with torch.device("meta"):
-        return count_parameters(VAE(H))
+        return count_parameters(build_model(H))
 
 
 def fitting_checkpoint_modes(H, device: torch.device,
@@ -204,7 +205,8 @@ def default_cache_path() -> Path:
 
 
 def cache_key(H, device: torch.device) -> str:
-    shape = {k: getattr(H, k) for k in ("image_size", "image_channels", "n_classes", "width", "custom_width_str",
+    shape = {k: getattr(H, k) for k in ("model", "conv_width", "made_hidden", "image_size", "image_channels",
+                                        "n_classes", "width", "custom_width_str",
                                         "enc_blocks", "dec_blocks", "zdim", "bottleneck_multiple", "num_mixtures",
                                         "likelihood", "n_batch", "compile", "memory_budget", *SPEED_FIELDS)}
     return json.dumps({"machine": machine_description(device), "torch": torch.__version__, "model": shape},
@@ -285,7 +287,9 @@ def choose_speed_settings(H, device: torch.device, total_steps: float, trainer_c
     results = {}
     for settings in combos:
         try:
-            seconds, loss = measure(H, device, settings, trainer_class)
+            # the probe's own seeds stay inside it: the run's initialisation is the same with and without a probe
+            with seeded(device, 0):
+                seconds, loss = measure(H, device, settings, trainer_class)
         except (RuntimeError, torch.cuda.OutOfMemoryError) as err:  # it does not fit, or does not run here
             results[json.dumps(settings)] = {"error": str(err).splitlines()[0][:200]}
             if device.type == "cuda":

@@ -24,10 +24,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from convert import checkpoint_from_openai, is_openai_checkpoint
 from data import DATASET_PADDING, Data, Split, binarize, epoch_batches, load_data_for, random_shift
 from hps import Hyperparams, parse_args
-from evaluate import evaluate_elbo
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from utils import (CHECKPOINT_FORMAT, Dist, NullLogger, RunFolderLock, RunLogger, UserError, atomic_torch_save,
@@ -35,12 +33,14 @@ from utils import (CHECKPOINT_FORMAT, Dist, NullLogger, RunFolderLock, RunLogger
                    load_checkpoint, load_newest_checkpoint, remove_stale_temporaries, resolve_channels_last,
                    resolve_precision, run_cli, save_grid, saved_device_rng_state, seeded, set_device_rng_state)
 from speed import choose_speed_settings
-from vae import VAE, count_parameters
+from models import build_model, checkpoint_from_openai, is_openai_checkpoint
+from scoring import evaluate_elbo
+from vae import count_parameters
 from vae_helpers import parse_layer_string
 
 # Fields that fix the shapes of the weights or what the model computes from them (its input normalisation,
 # likelihood and targets): a checkpoint resumes only into the same values.
-MODEL_FIELDS = ["dataset", "image_size", "image_channels", "pixel_levels", "n_classes", "width",
+MODEL_FIELDS = ["model", "conv_width", "made_hidden", "dataset", "image_size", "image_channels", "pixel_levels", "n_classes", "width",
                 "custom_width_str", "enc_blocks", "dec_blocks", "zdim", "bottleneck_multiple", "num_mixtures",
                 "no_bias_above", "likelihood", "gaussian_std", "data_shift", "data_scale", "vdvae_5bit", "pad",
                 "multi_label"]
@@ -133,7 +133,7 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, rate: float) -> Non
 
 
 @torch.no_grad()
-def sample_grid(model: VAE, row_labels: torch.Tensor | None, n_per_row: int, temperature: float,
+def sample_grid(model: torch.nn.Module, row_labels: torch.Tensor | None, n_per_row: int, temperature: float,
                 device: torch.device, seed: int = 0) -> torch.Tensor:
     """``n_per_row`` samples for each row label (class indices, or attribute vectors), or 10 rows of
     unconditional samples when ``row_labels`` is None: uint8 images on the CPU."""
@@ -169,7 +169,7 @@ class Trainer:
         self.amp_dtype = resolve_precision(H.precision, device)
         self.channels_last = resolve_channels_last(H.channels_last, device)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        self.model = VAE(H).to(device, memory_format=memory_format)
+        self.model = build_model(H).to(device, memory_format=memory_format)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         # DDP and the compiled wrapper only run the forward pass; checkpoints hold self.model's plain weights
         self.ddp = None
@@ -234,8 +234,7 @@ class Trainer:
             # the slice index is a device tensor changed in place, not a Python int on the modules: compiled, one
             # graph serves every accumulation pass (an int attribute made each pass compile a graph of its own)
             self.noise_index.fill_(shard[0])
-            for block in self.model.decoder.dec_blocks:
-                block.noise_shard = (self.noise_index, shard[1])
+            self.model.set_noise_shard(self.noise_index, shard[1])
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.amp_dtype):

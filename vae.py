@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from hps import Hyperparams
-from vae_helpers import (Block, bernoulli_log_prob, bernoulli_sample, discretized_gaussian_log_prob,
+from vae_helpers import (Block, bernoulli_log_prob, bernoulli_sample, discretized_gaussian_log_prob, elbo_report,
                          discretized_gaussian_sample, dmol_log_prob, dmol_sample, draw_gaussian_diag_samples,
                          gaussian_analytical_kl, gaussian_log_prob, get_conv, get_width_settings,
-                         likelihood_param_count, parse_layer_string, without_autocast)
+                         likelihood_param_count, levels_to_uint8, parse_layer_string, preprocess_images,
+                         without_autocast)
 
 
 # Under --grad_checkpoint blocks, runs of this many consecutive blocks are recomputed together: half the
@@ -293,12 +294,22 @@ class Decoder(nn.Module):
 
 
 class VAE(nn.Module):
-    """Encoder + decoder + output likelihood; losses are in bits per dimension."""
+    """Encoder + decoder + output likelihood; losses are in bits per dimension.
+
+    The ``vdvae`` model family: cvae.CVAE and cvae.VLAE meet the same contract (see /work/shared/DESIGN.md).
+    """
+
+    family = "vdvae"
+    # optional abilities sampling modes may rely on: latent groups to explore, prior noise (interpolation and class
+    # swaps), a temperature per group
+    abilities = frozenset({"groups", "prior_noise", "per_group_temperature"})
 
     def __init__(self, H: Hyperparams):
         super().__init__()
         if H.n_classes < 0:
             raise ValueError("n_classes -1 stands for the dataset's count: derive it from the data first")
+        if H.model != self.family:
+            raise ValueError(f"VAE builds the vdvae family, not --model {H.model}: build models through the registry")
         self.H = H
         self.encoder = Encoder(H)
         self.decoder = Decoder(H)
@@ -306,20 +317,34 @@ class VAE(nn.Module):
             if isinstance(module, Block):
                 module.recompute_gelu = H.grad_checkpoint in ("gelu", "blocks")  # also inside a recomputed block
 
+    # ---- the latent layout (the same methods on every family) ---------------------------------
+    @property
+    def n_groups(self) -> int:
+        """Number of latent groups (decoder blocks)."""
+        return self.decoder.n_groups
+
+    def latent_shapes(self) -> list[tuple[int, ...]]:
+        """(channels, height, width) of each latent group, top (coarsest) first."""
+        return self.decoder.latent_shapes()
+
+    def scored_dims(self, image_shape: Sequence[int]) -> float:
+        """Dimensions the likelihood scores per image of shape (C, H, W) (bits/dim divides by these)."""
+        return self.decoder.out_net.scored_dims(image_shape)
+
+    def set_noise_shard(self, index: int | torch.Tensor, count: int) -> None:
+        """From now on the posterior's standard-normal noise is slice ``index`` of a draw for ``count`` batches
+        (see draw_gaussian_diag_samples); ``index`` may be a 0-dim tensor updated in place."""
+        for block in self.decoder.dec_blocks:
+            block.noise_shard = (index, count)
+
     # ---- data scaling -------------------------------------------------------------------------
     def preprocess(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 images (B, C, H, W) in 0..255 -> (encoder input, likelihood target in [-1, 1])."""
-        x = images.float()
-        enc_in = (x + self.H.data_shift) * self.H.data_scale
-        if self.H.vdvae_5bit:  # openai/vdvae's FFHQ-256: 8 * floor(x / 8), scaled as 8-bit data (top level 0.945)
-            return enc_in, torch.floor(x / 8.0) * (8.0 / 127.5) - 1.0
-        levels = self.H.pixel_levels - 1
-        target = torch.round(x * (levels / 255.0)) * (2.0 / levels) - 1.0
-        return enc_in, target
+        return preprocess_images(self.H, images)
 
     def levels_to_uint8(self, levels: torch.Tensor) -> torch.Tensor:
         """Integer pixel levels 0..L-1 -> uint8 0..255 for display and saving."""
-        return torch.round(levels.float() * (255.0 / (self.H.pixel_levels - 1))).to(torch.uint8)
+        return levels_to_uint8(self.H, levels)
 
     # ---- the ELBO -----------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None,
@@ -336,17 +361,7 @@ class VAE(nn.Module):
         ndims = self.decoder.out_net.scored_dims(images.shape[1:])  # MNIST: its 28x28, not the padded 32x32
         recon_nats = self.decoder.out_net.nll(px_z, target)  # (B,)
         kl_groups = torch.stack([s["kl"].sum(dim=(1, 2, 3)) for s in stats], dim=1)  # (B, G)
-        kl_nats = kl_groups.sum(dim=1)
-        loss_nats = (recon_nats + kl_nats) / ndims
-        to_bits = 1.0 / (ndims * math.log(2.0))
-        return {
-            "loss_nats": loss_nats.mean(),
-            "loss": loss_nats.mean() / math.log(2.0),
-            "recon": (recon_nats * to_bits).mean(),
-            "kl": (kl_nats * to_bits).mean(),
-            "loss_per_image": loss_nats / math.log(2.0),
-            "kl_groups": (kl_groups * to_bits).mean(dim=0),
-        }
+        return elbo_report(recon_nats, kl_groups, ndims)
 
     @torch.no_grad()
     def log_importance_weights(self, images: torch.Tensor, labels: torch.Tensor | None = None,

@@ -10,10 +10,14 @@ import contextlib
 import math
 import re
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+if TYPE_CHECKING:  # hps imports this module: the annotation only
+    from hps import Hyperparams
 
 # ---------------------------------------------------------------------------------------------
 # Block specs
@@ -153,6 +157,31 @@ class Block(nn.Module):
         if self.down_rate is not None:
             out = F.avg_pool2d(out, kernel_size=self.down_rate, stride=self.down_rate)
         return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Data scaling, shared by every model family so that all of them see the same inputs and score the same levels
+# ---------------------------------------------------------------------------------------------
+
+
+def preprocess_images(H: "Hyperparams", images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (B, C, H, W) in 0..255 -> (encoder input, likelihood target in [-1, 1]).
+
+    The encoder input is ``(x + data_shift) * data_scale``; the target is x rounded to the grid of
+    ``H.pixel_levels`` levels and mapped to [-1, 1] (the level grid every likelihood scores).
+    """
+    x = images.float()
+    enc_in = (x + H.data_shift) * H.data_scale
+    if H.vdvae_5bit:  # openai/vdvae's FFHQ-256: 8 * floor(x / 8), scaled as 8-bit data (top level 0.945)
+        return enc_in, torch.floor(x / 8.0) * (8.0 / 127.5) - 1.0
+    levels = H.pixel_levels - 1
+    target = torch.round(x * (levels / 255.0)) * (2.0 / levels) - 1.0
+    return enc_in, target
+
+
+def levels_to_uint8(H: "Hyperparams", levels: torch.Tensor) -> torch.Tensor:
+    """Integer pixel levels 0..L-1 -> uint8 0..255 for display and saving."""
+    return torch.round(levels.float() * (255.0 / (H.pixel_levels - 1))).to(torch.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,3 +420,21 @@ def discretized_gaussian_sample(params: torch.Tensor, channels: int, levels: int
     shape = (1, *mean.shape[1:]) if shared_noise else mean.shape
     value = mean + torch.exp(log_std) * torch.randn(shape, generator=generator, device=mean.device)
     return torch.round((value + 1.0) * (levels - 1) / 2.0).clamp(0, levels - 1).long()
+
+
+def elbo_report(recon_nats: torch.Tensor, kl_groups_nats: torch.Tensor, ndims: float) -> dict[str, torch.Tensor]:
+    """The loss dict every model family returns, from per-image reconstruction nats (B,) and per-group KL nats
+    (B, G) over ``ndims`` scored dimensions: batch means of the negative ELBO (``loss_nats`` for the optimiser,
+    ``loss``, ``recon`` and ``kl`` in bits/dim), the per-image ``loss_per_image`` and the per-group ``kl_groups``
+    (bits/dim)."""
+    kl_nats = kl_groups_nats.sum(dim=1)
+    loss_nats = (recon_nats + kl_nats) / ndims
+    to_bits = 1.0 / (ndims * math.log(2.0))
+    return {
+        "loss_nats": loss_nats.mean(),
+        "loss": loss_nats.mean() / math.log(2.0),
+        "recon": (recon_nats * to_bits).mean(),
+        "kl": (kl_nats * to_bits).mean(),
+        "loss_per_image": loss_nats / math.log(2.0),
+        "kl_groups": (kl_groups_nats * to_bits).mean(dim=0),
+    }

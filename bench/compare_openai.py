@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from convert import convert_state_dict, openai_hparams, read_state_dict  # noqa: E402
+from models import convert_state_dict, openai_hparams, read_state_dict  # noqa: E402
 from utils import UserError, run_cli  # noqa: E402
 from vae import VAE  # noqa: E402
 

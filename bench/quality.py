@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
 from data import Data, load_digits  # noqa: E402
 from evaluate import evaluate_checkpoint  # noqa: E402
-from sample import load_model  # noqa: E402
+from models import load_model  # noqa: E402
 from utils import run_cli, seeded  # noqa: E402
+from vae import count_parameters  # noqa: E402
 
 
 def histogram_baseline_bpd(data: Data, levels: int, conditional: bool = True, alpha: float = 0.5) -> float:
@@ -130,6 +131,7 @@ def main(argv: list[str]) -> None:
                       "baseline_bpd": round(baseline, 4), "gen_class_acc": round(report["gen_class_acc"], 4),
                       "class_consistency": round(consistency[str(model.H.temperature)], 4),
                       "class_consistency_by_t": consistency, "swap_consistency": round(swapped, 4),
+                      "params": count_parameters(model), "family": model.family,
                       "train_seconds": train_seconds}))
 
 

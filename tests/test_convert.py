@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import run
-from convert import OPENAI_PRESETS, checkpoint_from_openai, convert_state_dict, openai_hparams
+from models import OPENAI_PRESETS, checkpoint_from_openai, convert_state_dict, openai_hparams
 from test_data import write_cifar10
 from test_evaluate import assert_refused, watched
 from utils import CHECKPOINT_FORMAT, UserError

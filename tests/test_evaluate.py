@@ -12,7 +12,7 @@ import torch
 
 from conftest import ROOT, run, tiny_cli_args, tiny_hps, write_damaged_weights
 from data import Split
-from evaluate import class_conditional_bpd, evaluate_elbo, importance_weighted_bpd
+from scoring import class_conditional_bpd, evaluate_elbo, importance_weighted_bpd
 from vae import VAE
 
 
@@ -241,6 +241,8 @@ class ModelOnDeviceWithoutFloat64(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.inner, self.H, self.decoder = model, model.H, model.decoder
+        self.n_groups, self.abilities = model.n_groups, model.abilities
+        self.latent_shapes, self.scored_dims = model.latent_shapes, model.scored_dims
 
     def forward(self, *args, **kwargs):
         return {k: v.as_subclass(DeviceWithoutFloat64) for k, v in self.inner(*args, **kwargs).items()}

@@ -61,6 +61,8 @@ def test_every_hyperparameter_is_read(tmp_path, monkeypatch):
     # restore reads the restore field; the run folder default reads hps
     train.main(tiny_cli_args(tmp_path / "run", max_steps=7, restore=tmp_path / "run"))
     train.main(tiny_cli_args(None, max_steps=1))  # the default run folder reads the preset name
+    # the families' own fields: read by the vlae (the cvae's encoder and decoder, and the flow prior's MADE)
+    train.main(tiny_cli_args(tmp_path / "vlae", max_steps=1, model="vlae", conv_width=8, made_hidden=16))
     unread = {f.name for f in SETTABLE} - read
     assert not unread, f"fields never read: {sorted(unread)}"
 

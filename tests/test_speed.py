@@ -285,3 +285,17 @@ def test_short_runs_use_the_rule_and_memory_decides_the_recomputation(tmp_path):
     assert fitting == ["gelu", "blocks"]
     fitting, _ = speed.fitting_checkpoint_modes(_auto_hps(memory_budget=1e-9), torch.device("cpu"))
     assert fitting == ["blocks"]  # nothing fits: the least memory there is
+
+
+def test_the_probe_leaves_the_runs_random_stream_alone(tmp_path):
+    """The real probe seeds and trains candidates; the run that asked must draw its initialisation from its own
+    stream, so that the same command gives the same model whether the probe ran or its cache answered."""
+    import speed
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    choice = speed.choose_speed_settings(_auto_hps(), torch.device("cpu"), 1e6, Trainer, log=lambda m: None,
+                                         cache_path=tmp_path / "c.json")
+    assert set(choice) == set(speed.SPEED_FIELDS)
+    assert torch.equal(torch.rand(3), expected)

@@ -1,0 +1,195 @@
+"""The model registry: every model family by name, and the one place that builds a model from its
+hyperparameters or from any weights file (our ``.pt`` checkpoints and run folders, exported ``.safetensors``,
+openai/vdvae's ``.th``). Entry points (train.py, evaluate.py, sample.py, convert.py, the bench scripts) import
+this module and never each other.
+
+    model = build_model(H)                                 # H.model picks the family: vdvae, cvae or vlae
+    model, class_names = load_model("weights/digits", device)   # the checkpoint says which family it is
+
+Every family meets one contract (see the project's design notes): ``forward`` (losses in bits/dim),
+``log_importance_weights``, ``sample``, ``reconstruct``, ``prior_noise_of``, ``latent_shapes``, ``n_groups``,
+``scored_dims``, ``set_noise_shard``, and ``abilities``: the optional sampling modes it supports.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cvae import CVAE, VLAE
+from hps import DATASET_IMAGES, MODELS, Hyperparams, hparams_from_preset
+from utils import CHECKPOINT_FORMAT, UserError, load_checkpoint
+from vae import VAE
+
+FAMILIES: dict[str, type[nn.Module]] = {"vdvae": VAE, "cvae": CVAE, "vlae": VLAE}
+assert tuple(FAMILIES) == MODELS, "hps.MODELS and the registry name the same families"
+SAFETENSORS_FORMAT = "vdvae-weights-1"
+ABILITY_NAMES = {"groups": "latent groups to explore", "prior_noise": "prior noise (interpolation and class swap)",
+                 "per_group_temperature": "a temperature per latent group", "manifold": "a 2-D latent manifold"}
+
+
+def build_model(H: Hyperparams) -> nn.Module:
+    """A fresh model of the family ``H.model`` names."""
+    return FAMILIES[H.model](H)
+
+
+def require_ability(model: nn.Module, ability: str, what: str) -> None:
+    """A one-line error when ``what`` (a sampling mode, an option) needs an ability the model's family lacks."""
+    if ability not in model.abilities:
+        raise UserError(f"{what} needs {ABILITY_NAMES[ability]}, which the {model.family} family does not have")
+
+
+def load_model(weights: str, device: torch.device, use_ema: bool = True,
+               hps: str | None = None) -> tuple[nn.Module, list[str]]:
+    """Build the model a checkpoint describes (ours ``.pt``, an exported ``.safetensors``, or openai/vdvae's
+    ``.th`` with its preset named by ``hps``) and load its (EMA) weights; returns it with the class names."""
+    if str(weights).endswith(".safetensors"):
+        state, hps_dict, class_names, attribute_means, kind = load_safetensors(weights)
+        if not use_ema and kind != "model":  # an export holds one set of weights: say so rather than ignore the flag
+            raise UserError(f"{weights} holds the EMA weights only (exported without --raw_weights): use it without "
+                            f"--raw_weights, or export the raw weights with sample.py --raw_weights --export")
+    else:
+        ckpt = load_any_checkpoint(weights, hps)
+        state, hps_dict, class_names = ckpt["ema" if use_ema else "model"], ckpt["hps"], ckpt["class_names"]
+        attribute_means = ckpt.get("attribute_means")
+    model = build_model(Hyperparams.from_dict(hps_dict))  # the checkpoint names its family (vdvae if older)
+    model.attribute_means = attribute_means  # attribute models: the default setting of each attribute
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise UserError(f"weights in {weights} do not fit the model they describe: "
+                        f"{str(err).splitlines()[0]}") from None
+    return model.to(device).eval(), list(class_names)
+
+
+def load_any_checkpoint(weights: str, hps: str | None = None) -> dict:
+    """Our checkpoint, or openai/vdvae's ``.th`` state dict converted to one (it needs its preset)."""
+    if is_openai_checkpoint(weights):
+        if not hps:
+            raise UserError(f"{weights} is an openai/vdvae checkpoint: name its preset with --hps "
+                            f"(cifar10, imagenet32, imagenet64, ffhq256 or ffhq1024)")
+        return checkpoint_from_openai(weights, hps)
+    return load_checkpoint(weights)
+
+
+def export_safetensors(weights: str, out: Path, use_ema: bool = True, hps: str | None = None) -> None:
+    """Write one set of weights (EMA by default) with the hyperparameters and class names as metadata."""
+    write_safetensors(load_any_checkpoint(weights, hps), out, use_ema)
+
+
+def write_safetensors(ckpt: dict, out: Path, use_ema: bool = True) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in ckpt["ema" if use_ema else "model"].items()}
+    metadata = {"format": SAFETENSORS_FORMAT, "hps": json.dumps(ckpt["hps"]),
+                "class_names": json.dumps(ckpt["class_names"]), "step": str(ckpt["step"]),
+                "attribute_means": json.dumps(ckpt.get("attribute_means")),
+                "weights": "ema" if use_ema else "model"}
+    try:
+        save_file(state, str(out), metadata=metadata)
+    except OSError as err:
+        raise UserError(f"cannot write {out}: {err.strerror}") from None
+    except SafetensorError as err:  # safetensors' own error for a path it cannot create
+        raise UserError(f"cannot write {out}: {str(err).strip().splitlines()[0]}") from None
+
+
+def load_safetensors(path: str) -> tuple[dict, dict, list[str], list[float] | None, str]:
+    """Weights, hyperparameters, class names, attribute frequencies and which weights they are ("ema" or "model")
+    of an exported file (no code can run: no pickle)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not Path(path).is_file():
+        raise UserError(f"weights file {path} does not exist")
+    try:
+        with safe_open(path, framework="pt") as fh:
+            metadata = fh.metadata() or {}
+            state = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"cannot read {path}: {str(err).strip().splitlines()[0]}") from None
+    if metadata.get("format") != SAFETENSORS_FORMAT:
+        raise UserError(f"{path} was not exported by this project (no '{SAFETENSORS_FORMAT}' metadata)")
+    return (state, json.loads(metadata["hps"]), json.loads(metadata["class_names"]),
+            json.loads(metadata.get("attribute_means", "null")), metadata.get("weights", "ema"))
+
+
+# ---------------------------------------------------------------------------------------------
+# openai/vdvae's .th checkpoints (convert.py is their command line)
+# ---------------------------------------------------------------------------------------------
+
+
+# the presets openai/vdvae published checkpoints for, and the class names their hps do not carry
+OPENAI_PRESETS = ("cifar10", "imagenet32", "imagenet64", "ffhq256", "ffhq1024")
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def is_openai_checkpoint(path: str | Path) -> bool:
+    return str(path).endswith(".th")
+
+
+def openai_hparams(preset: str, n_classes: int = 0) -> Hyperparams:
+    """The preset's hyperparameters for one of openai/vdvae's models, with the image fields filled in."""
+    if preset not in OPENAI_PRESETS:
+        raise UserError(f"--hps {preset!r} has no openai/vdvae checkpoint; they exist for "
+                        f"{', '.join(OPENAI_PRESETS)}")
+    h = hparams_from_preset(preset, {"n_classes": n_classes, "vdvae_5bit": preset == "ffhq256"})
+    h.image_size, h.image_channels = DATASET_IMAGES[preset]
+    return h
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A ``.th`` file as a plain name -> tensor dict."""
+    if not Path(path).is_file():
+        raise UserError(f"openai/vdvae checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file means the same thing to the user
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot read openai/vdvae checkpoint {path}: {first}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} is not a state dict of tensors (openai/vdvae's *-model.th / *-model-ema.th)")
+    return state
+
+
+def convert_state_dict(state: dict[str, torch.Tensor], H: Hyperparams, source: str = "the checkpoint") -> dict:
+    """openai/vdvae names -> our state dict for the model ``H`` describes, every name and shape checked; a
+    conditional ``H`` gets a zero class embedding (no effect on the outputs until it trains)."""
+    state = {k.removeprefix("module."): v for k, v in state.items()}  # as DistributedDataParallel saved it
+    expected = VAE(H).state_dict()
+    ours_only = {k for k in expected if k.startswith("decoder.class_emb.")}
+    missing = sorted(set(expected) - set(state) - ours_only)
+    unexpected = sorted(set(state) - set(expected))
+    reshaped = [f"{k} {tuple(state[k].shape)} there, {tuple(expected[k].shape)} here"
+                for k in expected if k in state and state[k].shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} key(s): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} key(s): {', '.join(unexpected[:5])}"
+                        f"{' ...' if len(unexpected) > 5 else ''}")
+    if reshaped:
+        problems.append(f"{len(reshaped)} shape mismatch(es): {'; '.join(reshaped[:3])}")
+    if problems:
+        raise UserError(f"{source} does not fit the {H.hps} model: {' | '.join(problems)}")
+    converted = {k: state[k].float() for k in expected if k not in ours_only}
+    converted.update({k: torch.zeros_like(expected[k]) for k in ours_only})
+    return converted
+
+
+def step_of(path: str | Path) -> int:
+    """The iteration in openai/vdvae's file names (``...-iter-900000-...``), else 0."""
+    found = re.search(r"iter-(\d+)", Path(path).name)
+    return int(found.group(1)) if found else 0
+
+
+def checkpoint_from_openai(path: str | Path, preset: str, n_classes: int = 0) -> dict:
+    """One of our checkpoint dicts holding an openai/vdvae file's weights as both model and EMA."""
+    H = openai_hparams(preset, n_classes)
+    weights = convert_state_dict(read_state_dict(path), H, str(path))
+    class_names = CIFAR10_CLASSES if preset == "cifar10" else [str(c) for c in range(1000)]
+    return {"format": CHECKPOINT_FORMAT, "model": weights, "ema": {k: v.clone() for k, v in weights.items()},
+            "hps": H.to_dict(), "class_names": class_names[:n_classes] if n_classes else [],
+            "step": step_of(path), "source": str(path)}
