@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from hps import Hyperparams
 from vae import OutputNet
-from vae_helpers import (draw_gaussian_diag_samples, elbo_report, gaussian_analytical_kl, gaussian_log_prob,
-                         levels_to_uint8, preprocess_images, without_autocast)
+from vae_helpers import (check_family_settings, draw_gaussian_diag_samples, elbo_report, gaussian_analytical_kl,
+                         gaussian_log_prob, levels_to_uint8, preprocess_images, without_autocast)
 
 # The conv stacks stride down to (and up from) a 4x4 map: image sizes are powers of two >= 8.
 BASE_RES = 4
@@ -137,11 +137,7 @@ class CVAE(nn.Module):
 
     def __init__(self, H: Hyperparams):
         super().__init__()
-        if H.n_classes < 0:
-            raise ValueError("n_classes -1 stands for the dataset's count: derive it from the data first")
-        if H.model != self.family:
-            raise ValueError(f"{type(self).__name__} builds the {self.family} family, not --model {H.model}: "
-                             "build models through the registry")
+        check_family_settings(H, type(self))
         self.H = H
         self.zdim = H.zdim
         self.n_classes = H.n_classes

@@ -438,3 +438,12 @@ def elbo_report(recon_nats: torch.Tensor, kl_groups_nats: torch.Tensor, ndims: f
         "loss_per_image": loss_nats / math.log(2.0),
         "kl_groups": (kl_groups_nats * to_bits).mean(dim=0),
     }
+
+
+def check_family_settings(H, cls) -> None:
+    """A model class builds only its own family (``cls.family``), from settings whose class count is known."""
+    if H.n_classes < 0:
+        raise ValueError("n_classes -1 stands for the dataset's count: derive it from the data first")
+    if H.model != cls.family:
+        raise ValueError(f"{cls.__name__} builds the {cls.family} family, not --model {H.model}: "
+                         "build models through the registry")
