@@ -376,6 +376,15 @@ def worker_hparams(args, **overrides):
     return H
 
 
+def apply_default_speed(H, device: torch.device) -> None:
+    """Set H's auto speed fields to what a long train.py run picks here (speed.py: its cache, else its probe)."""
+    from speed import choose_speed_settings
+    from train import Trainer
+
+    for field, value in choose_speed_settings(H, device, float("inf"), Trainer, log=lambda m: None).items():
+        setattr(H, field, value)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -428,7 +437,6 @@ def parity_batches(n_steps: int, n_batch: int, device: torch.device) -> tuple[to
 
 def worker_parity(args, device: torch.device) -> dict:
     """The same init, batches and noise in eager fp32 and in the default mode: both loss curves."""
-    from speed import choose_speed_settings
     from train import Trainer
 
     P = plan(args.tiny)
@@ -438,8 +446,7 @@ def worker_parity(args, device: torch.device) -> dict:
         H = worker_hparams(args, n_batch=P["n_batch"], precision="fp32", channels_last="off", grad_checkpoint="none")
         if name == "default":
             H.precision = H.channels_last = H.grad_checkpoint = "auto"
-            for field, value in choose_speed_settings(H, device, float("inf"), Trainer, log=lambda m: None).items():
-                setattr(H, field, value)
+            apply_default_speed(H, device)
         torch.manual_seed(0)
         if device.type == "cuda":
             torch.cuda.manual_seed_all(0)
@@ -530,13 +537,11 @@ def worker_profile(args, device: torch.device) -> dict:
     """The default training step under torch.profiler: the operators and kernels that take the time."""
     from torch.profiler import ProfilerActivity, profile
 
-    from speed import choose_speed_settings
     from train import Trainer
 
     P = plan(args.tiny)
     H = worker_hparams(args, n_batch=P["n_batch"])
-    for field, value in choose_speed_settings(H, device, float("inf"), Trainer, log=lambda m: None).items():
-        setattr(H, field, value)
+    apply_default_speed(H, device)
     trainer = Trainer(H, device)
     images, labels = synthetic_images(P["n_batch"], seed=5)
     images, labels = torch.from_numpy(images).to(device), torch.from_numpy(labels).long().to(device)
@@ -565,13 +570,11 @@ def worker_profile(args, device: torch.device) -> dict:
 def worker_max_batch(args, device: torch.device) -> dict:
     """The largest training batch that fits with this --grad_checkpoint mode (default precision and layout):
     double until out of memory, then bisect."""
-    from speed import choose_speed_settings
     from train import Trainer
 
     P = plan(args.tiny)
     H = worker_hparams(args, n_batch=P["max_batch_start"])
-    for field, value in choose_speed_settings(H, device, float("inf"), Trainer, log=lambda m: None).items():
-        setattr(H, field, value)
+    apply_default_speed(H, device)
     H.grad_checkpoint = args.mode
     trainer = Trainer(H, device)
     deadline = time.perf_counter() + P["max_batch_seconds"]
