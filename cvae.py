@@ -27,8 +27,9 @@ import torch.nn.functional as F
 
 from hps import Hyperparams
 from vae import OutputNet
-from vae_helpers import (check_family_settings, draw_gaussian_diag_samples, elbo_report, gaussian_analytical_kl,
-                         gaussian_log_prob, levels_to_uint8, preprocess_images, without_autocast)
+from vae_helpers import (SingleStage, check_family_settings, draw_gaussian_diag_samples, elbo_report,
+                         gaussian_analytical_kl, gaussian_log_prob, levels_to_uint8, preprocess_images,
+                         without_autocast)
 
 # The conv stacks stride down to (and up from) a 4x4 map: image sizes are powers of two >= 8.
 BASE_RES = 4
@@ -123,7 +124,7 @@ class ConvDecoder(nn.Module):
         return self.convs(h)
 
 
-class CVAE(nn.Module):
+class CVAE(SingleStage, nn.Module):
     """The conditional VAE: one Gaussian latent vector, conv encoder and decoder, prior N(0, I).
 
     Losses are in bits per dimension exactly as vae.VAE's: nats per image divided by the scored dimensions and

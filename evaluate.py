@@ -41,7 +41,7 @@ def evaluate_checkpoint(weights: str, split_name: str = "test", iw_samples: int 
         "bpd": elbo["loss"], "recon_bpd": elbo["recon"], "kl_bpd": elbo["kl"],
         "nats_per_image": elbo["nats_per_image"],
         "kl_per_resolution": kl_per_resolution(model, elbo["kl_groups"]), "kl_per_group": elbo["kl_groups"],
-        "iw_samples": iw_samples,
+        "iw_samples": iw_samples, "terms": list(model.bound_terms),
     }
     if iw_samples > 1:
         result["bpd_iw"] = importance_weighted_bpd(model, split, iw_samples, batch_size, dev, seed).mean().item()
@@ -64,11 +64,14 @@ def evaluate_checkpoint(weights: str, split_name: str = "test", iw_samples: int 
 
 
 def format_table(r: dict) -> str:
+    bound, recon, kl = r["terms"]
+    width = max(20, len(bound) + 1, len(recon) + 3, len(kl) + 3)
     lines = [f"{r['dataset']} {r['split']} ({r['n_images']} images, {r['weights']} weights), bits/dim:",
-             f"  negative ELBO        {r['bpd']:.4f}",
-             f"    reconstruction     {r['recon_bpd']:.4f}",
-             f"    KL                 {r['kl_bpd']:.4f}"]
-    lines += [f"      at {res:>4}x{res:<4}     {v:.4f}" for res, v in r["kl_per_resolution"].items()]
+             f"  {bound:<{width}}{r['bpd']:.4f}",
+             f"    {recon:<{width - 2}}{r['recon_bpd']:.4f}",
+             f"    {kl:<{width - 2}}{r['kl_bpd']:.4f}"]
+    if list(r["kl_per_resolution"]) != ["z"]:  # one latent (cvae, vlae, vqvae): nothing to split
+        lines += [f"      at {res:>4}x{res:<4}{'':{width - 13}}{v:.4f}" for res, v in r["kl_per_resolution"].items()]
     lines.append(f"  IW bound (K={r['iw_samples']:<5})   {r['bpd_iw']:.4f}")
     lines.append(f"  negative ELBO in nats per image: {r['nats_per_image']:.2f}")
     for name, v in r.get("per_class_bpd", {}).items():

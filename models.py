@@ -3,12 +3,13 @@ hyperparameters or from any weights file (our ``.pt`` checkpoints and run folder
 openai/vdvae's ``.th``). Entry points (train.py, evaluate.py, sample.py, convert.py, the bench scripts) import
 this module and never each other.
 
-    model = build_model(H)                                 # H.model picks the family: vdvae, cvae or vlae
+    model = build_model(H)                                 # H.model picks the family: vdvae, cvae, vlae, vqvae
     model, class_names = load_model("weights/digits", device)   # the checkpoint says which family it is
 
 Every family meets one contract (see the project's design notes): ``forward`` (losses in bits/dim),
 ``log_importance_weights``, ``sample``, ``reconstruct``, ``prior_noise_of``, ``latent_shapes``, ``n_groups``,
-``scored_dims``, ``set_noise_shard``, and ``abilities``: the optional sampling modes it supports.
+``scored_dims``, ``set_noise_shard``, ``abilities`` (the optional sampling modes it supports), and ``stages``
+with ``stage_parameters(stage)``: what each training stage optimises (one stage, "model", for all but the vqvae).
 """
 from __future__ import annotations
 
@@ -20,12 +21,14 @@ import torch
 from torch import nn
 
 from cvae import CVAE, VLAE
-from hps import DATASET_IMAGES, MODELS, Hyperparams, hparams_from_preset
+from hps import DATASET_IMAGES, FAMILY_STAGES, MODELS, Hyperparams, hparams_from_preset
 from utils import CHECKPOINT_FORMAT, UserError, load_checkpoint
 from vae import VAE
+from vqvae import VQVAE
 
-FAMILIES: dict[str, type[nn.Module]] = {"vdvae": VAE, "cvae": CVAE, "vlae": VLAE}
+FAMILIES: dict[str, type[nn.Module]] = {"vdvae": VAE, "cvae": CVAE, "vlae": VLAE, "vqvae": VQVAE}
 assert tuple(FAMILIES) == MODELS, "hps.MODELS and the registry name the same families"
+assert all(FAMILIES[f].stages == FAMILY_STAGES[f] for f in MODELS), "hps.FAMILY_STAGES and the families agree"
 SAFETENSORS_FORMAT = "vdvae-weights-1"
 ABILITY_NAMES = {"groups": "latent groups to explore", "prior_noise": "prior noise (interpolation and class swap)",
                  "per_group_temperature": "a temperature per latent group", "manifold": "a 2-D latent manifold"}
@@ -193,3 +196,4 @@ def checkpoint_from_openai(path: str | Path, preset: str, n_classes: int = 0) ->
     return {"format": CHECKPOINT_FORMAT, "model": weights, "ema": {k: v.clone() for k, v in weights.items()},
             "hps": H.to_dict(), "class_names": class_names[:n_classes] if n_classes else [],
             "step": step_of(path), "source": str(path)}
+

@@ -352,6 +352,7 @@ def run_recon(s: Session) -> str:
 
 def run_interp(s: Session) -> str:
     args = s.args
+    require_ability(s.model, "prior_noise", "sample.py interp")
     if args.frames < 2 or args.fps <= 0:
         raise UserError(f"--frames must be >= 2 and --fps > 0, got {args.frames} and {args.fps}")
     if sum(x is not None for x in (args.images, args.seeds, args.classes)) > 1:
@@ -444,6 +445,7 @@ def run_explore(s: Session) -> str:
 
 def run_swap(s: Session) -> str:
     args = s.args
+    require_ability(s.model, "prior_noise", "sample.py swap")
     s.require_classes("swap")
     k = parse_ints(args.k, "--k", 0, s.n_groups)[0] if args.k else s.n_groups
     targets = parse_classes(args.classes or "", s.class_names)

@@ -25,22 +25,26 @@ import torch
 from tqdm import tqdm
 
 from data import DATASET_PADDING, Data, Split, binarize, epoch_batches, load_data_for, random_shift
-from hps import Hyperparams, parse_args
+from hps import FAMILY_STAGES, Hyperparams, parse_args
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from utils import (CHECKPOINT_FORMAT, Dist, NullLogger, RunFolderLock, RunLogger, UserError, atomic_torch_save,
                    autocast, crop_padding, device_rng_state, end_distributed, init_distributed, keep_copy,
-                   load_checkpoint, load_newest_checkpoint, remove_stale_temporaries, resolve_channels_last,
-                   resolve_precision, run_cli, save_grid, saved_device_rng_state, seeded, set_device_rng_state)
+                   keep_stage_copy, load_checkpoint, load_newest_checkpoint, remove_stale_temporaries,
+                   resolve_channels_last, resolve_precision, run_cli, save_grid, saved_device_rng_state, seeded,
+                   set_device_rng_state, tensorboard_writer)
 from speed import choose_speed_settings
 from models import build_model, checkpoint_from_openai, is_openai_checkpoint
-from scoring import evaluate_elbo
+from scoring import evaluate_elbo, kl_per_resolution
 from vae import count_parameters
 from vae_helpers import parse_layer_string
 
+# what every family's forward returns besides its own figures (the vqvae's codebook perplexity and so on)
+LOSS_KEYS = ("loss_nats", "loss", "recon", "kl")
 # Fields that fix the shapes of the weights or what the model computes from them (its input normalisation,
 # likelihood and targets): a checkpoint resumes only into the same values.
-MODEL_FIELDS = ["model", "conv_width", "made_hidden", "dataset", "image_size", "image_channels", "pixel_levels", "n_classes", "width",
+MODEL_FIELDS = ["model", "conv_width", "made_hidden", "codebook_size", "code_dim", "vq_downsample", "prior_channels",
+                "prior_layers", "dataset", "image_size", "image_channels", "pixel_levels", "n_classes", "width",
                 "custom_width_str", "enc_blocks", "dec_blocks", "zdim", "bottleneck_multiple", "num_mixtures",
                 "no_bias_above", "likelihood", "gaussian_std", "data_shift", "data_scale", "vdvae_5bit", "pad",
                 "multi_label"]
@@ -117,19 +121,28 @@ def create_run_dir(run_dir: Path) -> None:
         raise UserError(f"cannot create run folder {run_dir}: {err.strerror}") from None
 
 
-def lr_factor(H: Hyperparams, step: int) -> float:
-    """Linear warm-up to the peak rate, then constant (the paper) or cosine decay to 0 at max_steps."""
+def stage_budget(H: Hyperparams, index: int) -> tuple[int, float, float]:
+    """(steps, peak learning rate, weight decay) of the family's training stage ``index``: --max_steps, --lr and --wd
+    for the first (the only one of most families), --prior_steps, --prior_lr and --prior_wd for the second (0, 0
+    and -1: the first's)."""
+    if index == 0:
+        return H.max_steps, H.lr, H.wd
+    return H.prior_steps or H.max_steps, H.prior_lr or H.lr, H.wd if H.prior_wd == -1 else H.prior_wd
+
+
+def lr_factor(H: Hyperparams, step: int, steps: int) -> float:
+    """Linear warm-up to the peak rate, then constant (the paper) or cosine decay to 0 at the stage's ``steps``
+    (``step`` counts from the stage's start)."""
     warm = min(1.0, step / H.warmup_iters) if H.warmup_iters > 0 else 1.0
     if H.lr_decay == "cosine" and step > H.warmup_iters:
-        progress = min(1.0, (step - H.warmup_iters) / max(1, H.max_steps - H.warmup_iters))
+        progress = min(1.0, (step - H.warmup_iters) / max(1, steps - H.warmup_iters))
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     return warm
 
 
 @torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, rate: float) -> None:
-    ema_params = list(ema.parameters())
-    torch._foreach_lerp_(ema_params, list(model.parameters()), 1.0 - rate)
+def ema_update(ema_params: list[torch.Tensor], params: list[torch.Tensor], rate: float) -> None:
+    torch._foreach_lerp_(ema_params, params, 1.0 - rate)
 
 
 @torch.no_grad()
@@ -157,10 +170,12 @@ def grid_rows(H: Hyperparams, data: Data) -> tuple[torch.Tensor | None, list[str
 
 
 class Trainer:
-    """What one run updates: the model, its EMA copy, AdamW and its schedule, under the run's precision,
-    memory format and compilation settings. ``step`` is one update."""
+    """What one training stage updates: the model, its EMA copy, AdamW over the stage's parameters and its schedule,
+    under the run's precision, memory format and compilation settings. ``step`` is one update. Most families train
+    in one stage; the vqvae trains its autoencoder, then its prior (``stage``), each with a Trainer of its own."""
 
-    def __init__(self, H: Hyperparams, device: torch.device, fused: bool | None = None, dist: Dist | None = None):
+    def __init__(self, H: Hyperparams, device: torch.device, fused: bool | None = None, dist: Dist | None = None,
+                 stage: str | None = None):
         self.H, self.device, self.dist = H, device, dist or Dist()
         if device.type == "cuda":  # TF32 for what stays fp32; fixed shapes let cuDNN pick its fastest kernels
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -170,7 +185,18 @@ class Trainer:
         self.channels_last = resolve_channels_last(H.channels_last, device)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model = build_model(H).to(device, memory_format=memory_format)
+        self.stage = stage or self.model.stages[0]
+        self.model.stage = self.stage  # what the loss optimises (the vqvae: its autoencoder's or its prior's)
+        self.trained = self.model.stage_parameters(self.stage)
+        trained_ids = {id(p) for p in self.trained}
+        for p in self.model.parameters():  # frozen in this stage: no gradient for DDP to wait for
+            p.requires_grad_(id(p) in trained_ids)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        ema_params = dict(self.ema.named_parameters())
+        # the EMA follows the trained parameters; the frozen ones equal their EMA (a stage starts from it)
+        self.ema_pairs = ([ema_params[n] for n, p in self.model.named_parameters() if id(p) in trained_ids],
+                          self.trained)
+        self.stage_steps, stage_lr, stage_wd = stage_budget(H, self.model.stages.index(self.stage))
         # DDP and the compiled wrapper only run the forward pass; checkpoints hold self.model's plain weights
         self.ddp = None
         if self.dist.world > 1:  # gradients are averaged over ranks in the backward pass
@@ -180,11 +206,13 @@ class Trainer:
         # fused AdamW can skip an update on the device (found_inf), so a step needs no host round trip;
         # ``fused=False`` (bench/throughput.py's baseline) keeps the foreach implementation
         self.fused = device.type in ("cuda", "cpu") if fused is None else fused
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=H.lr, weight_decay=H.wd,
+        self.optimizer = torch.optim.AdamW(self.trained, lr=stage_lr, weight_decay=stage_wd,
                                            betas=(H.adam_beta1, H.adam_beta2), fused=self.fused or None)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(H, step))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lambda step: lr_factor(H, step, self.stage_steps))
         self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
         self.noise_index = torch.zeros((), dtype=torch.long, device=device)  # see _forward
+        self.extra_metrics: tuple[str, ...] | None = None  # a family's own batch figures (codebook perplexity)
 
     def settings(self) -> str:
         precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + scaler"}
@@ -195,12 +223,13 @@ class Trainer:
         """One update on the negative ELBO (nats/dim) from this rank's share of a global batch (``grad_accum``
         passes of ``n_batch`` images, as epoch_batches yields it), skipped when a loss or the gradient is not
         finite or the gradient norm reaches ``skip_threshold``; the schedule and the EMA advance either way, as
-        in openai/vdvae. Returns device tensors: skipped (bool) and (loss, recon, kl in bits/dim, grad norm)."""
+        in openai/vdvae. Returns device tensors: skipped (bool) and the figures ``metric_names`` names (loss, recon,
+        kl in bits/dim, grad norm, then the family's own scalars, such as the vqvae's codebook perplexity)."""
         H, accum = self.H, self.H.grad_accum
         passes = zip(images.chunk(accum), labels.chunk(accum) if labels is not None else [None] * accum)
         rng = (torch.get_rng_state(), device_rng_state(self.device)) if accum > 1 else None
         self.optimizer.zero_grad(set_to_none=True)
-        stats = torch.zeros(3, device=self.device)
+        stats = None
         for k, (x, y) in enumerate(passes):
             if k > 0:  # every pass draws the global batch's shifts and noise from the same state and takes its slice
                 torch.set_rng_state(rng[0])
@@ -215,10 +244,14 @@ class Trainer:
                 out = self._forward(x, y, shard)
                 loss = out["loss_nats"] / accum  # the mean over the global batch: equal-sized passes
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            stats += torch.stack([out["loss"], out["recon"], out["kl"]]).detach().float() / accum
+            if self.extra_metrics is None:  # every 0-dim output beyond the loss terms, in the family's order
+                self.extra_metrics = tuple(name for name, v in out.items() if name not in LOSS_KEYS and v.ndim == 0)
+            figures = [out["loss"], out["recon"], out["kl"], *(out[k] for k in self.extra_metrics)]
+            figures = torch.stack([f.detach().float() for f in figures]) / accum
+            stats = figures if stats is None else stats + figures
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), H.grad_clip or math.inf)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trained, H.grad_clip or math.inf)
         # every rank takes the same decision: the averaged gradient is the same everywhere, the losses are not
         bad_loss = self.dist.all_reduce((~torch.isfinite(stats[0])).float(), op="max") > 0
         skip = bad_loss | ~torch.isfinite(grad_norm)
@@ -226,8 +259,13 @@ class Trainer:
             skip = skip | (grad_norm >= H.skip_threshold)
         self._update(skip)
         self.scheduler.step()
-        ema_update(self.ema, self.model, H.ema_rate)
-        return skip, torch.cat([stats, grad_norm.detach().float()[None]])
+        ema_update(*self.ema_pairs, H.ema_rate)
+        return skip, torch.cat([stats[:3], grad_norm.detach().float()[None], stats[3:]])
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """What the figures ``step`` returns are, in order."""
+        return ("loss", "recon", "kl", "grad_norm", *(self.extra_metrics or ()))
 
     def _forward(self, images: torch.Tensor, labels: torch.Tensor | None, shard: tuple[int, int]) -> dict:
         if shard[1] > 1:  # posterior noise: this pass's slice of the global batch's draw
@@ -268,26 +306,25 @@ class Window:
     """Running means of the training figures between two log lines (skipped updates left out), kept on
     the device so that only a log line waits for it."""
 
-    KEYS = ("loss", "recon", "kl", "grad_norm")
-
     def __init__(self, device: torch.device, dist: Dist | None = None):
         self.device, self.dist = device, dist or Dist()
         self.reset()
 
     def reset(self) -> None:
-        self.sums = torch.zeros(len(self.KEYS), device=self.device)
+        self.sums: torch.Tensor | int = 0  # a tensor of the step's figures once one is added
         self.kept = torch.zeros((), device=self.device)
         self.steps, self.t0 = 0, time.perf_counter()
 
     def add(self, skip: torch.Tensor, stats: torch.Tensor) -> None:
         self.steps += 1
-        self.sums += torch.where(skip, 0.0, stats)
+        self.sums = self.sums + torch.where(skip, 0.0, stats)
         self.kept += (~skip).float()
 
-    def summary(self, global_batch: int) -> dict:
+    def summary(self, global_batch: int, names: tuple[str, ...]) -> dict:
+        """The means of the figures ``names`` names (Trainer.metric_names) and the images per second."""
         elapsed = time.perf_counter() - self.t0
         *sums, kept = self.dist.all_reduce(torch.cat([self.sums, self.kept[None]])).tolist()  # over all ranks
-        out = {k: v / max(1.0, kept) for k, v in zip(self.KEYS, sums)}
+        out = {k: v / max(1.0, kept) for k, v in zip(names, sums)}
         out["img_per_s"] = round(self.steps * global_batch / elapsed, 2) if elapsed > 0 else 0.0
         self.reset()
         return out
@@ -310,6 +347,11 @@ def checkpoint_dict(H: Hyperparams, trainer: Trainer, state: dict, class_names) 
         "hps": H.to_dict(),
         "class_names": list(class_names),
         "attribute_means": state.get("attribute_means"),  # multi-label data: how often each attribute is on
+        # the training stage (the vqvae's autoencoder or prior; "model" for the others), the step it began at and
+        # the step it ends at: a later stage starts only from a finished one
+        "stage": trainer.stage,
+        "stage_start": state["stage_start"],
+        "stage_end": state["stage_end"],
         # the CPU's and this process's own device's generator: every rank draws the same stream by design, so
         # rank 0's states are every rank's (a list of all visible GPUs' states would not survive a resume on
         # fewer GPUs, and would hand the other ranks rank 0's GPU state by index)
@@ -355,10 +397,50 @@ def restore_run(path: Path, ckpt: dict, H: Hyperparams, trainer: Trainer, state:
     if trainer.scaler is not None and ckpt.get("scaler"):
         trainer.scaler.load_state_dict(ckpt["scaler"])
     state.update(step=ckpt["step"], epoch=ckpt["epoch"], batch_in_epoch=ckpt["batch_in_epoch"],
-                 skipped=ckpt["skipped_updates"])
+                 skipped=ckpt["skipped_updates"], stage_start=ckpt.get("stage_start", 0))
     torch.set_rng_state(ckpt["rng"]["torch"])
     set_device_rng_state(saved_device_rng_state(ckpt["rng"]), trainer.device)
     reshape_optimizer_state_like_parameters(trainer.optimizer)
+
+
+def start_after_stage(ckpt: dict, trainer: Trainer, state: dict) -> None:
+    """Begin ``trainer``'s stage where the finished stage of ``ckpt`` (a checkpoint dict, read from a file or just
+    built in this process) left off: from its EMA weights, raw and EMA alike (the stage-1 weights a VQ-VAE's prior
+    learns the codes of are the ones sampling and evaluation use), with a fresh optimiser and schedule, the steps
+    counting on, and its RNG state: the same run whether the stages ran in one process or two."""
+    trainer.model.load_state_dict(ckpt["ema"])
+    trainer.ema.load_state_dict(ckpt["ema"])
+    state.update(step=ckpt["step"], epoch=ckpt["epoch"], batch_in_epoch=ckpt["batch_in_epoch"],
+                 skipped=ckpt["skipped_updates"], stage_start=ckpt["step"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    set_device_rng_state(saved_device_rng_state(ckpt["rng"]), trainer.device)
+
+
+def plan_stages(H: Hyperparams, stages: tuple[str, ...], resume: tuple[Path, dict] | None) -> tuple[list[str], str]:
+    """The stages this run trains, in order (``--stage all``: each of the family's from where the run stands; else
+    the one named), and how the first begins: "fresh", "resume" (the checkpoint's own stage, where it stopped; also a
+    weights-only checkpoint) or "next" (after the checkpoint's finished stage, from its EMA weights)."""
+    wanted = list(stages) if H.stage == "all" else [H.stage]
+    if resume is None:
+        if wanted[0] != stages[0]:
+            raise UserError(f"--stage {H.stage} trains on top of a finished {stages[stages.index(H.stage) - 1]} "
+                            f"stage: name that run with --restore RUN")
+        return wanted, "fresh"
+    path, ckpt = resume
+    saved = ckpt.get("stage", stages[0])  # older checkpoints: single-stage families
+    if saved in wanted:
+        return wanted[wanted.index(saved):], "resume"
+    first, done = stages.index(wanted[0]), stages.index(saved)
+    if first < done:
+        raise UserError(f"{path} is in its {saved} stage, after the {wanted[0]} stage: to train that stage again, "
+                        f"start a new run folder (--save_dir) without --restore")
+    if first > done + 1:
+        raise UserError(f"{path} has finished no {stages[first - 1]} stage yet: train it first "
+                        f"(--stage {stages[first - 1]})")
+    if ckpt["step"] < ckpt.get("stage_end", 0):
+        raise UserError(f"the {saved} stage of {path} is unfinished (step {ckpt['step']} of {ckpt['stage_end']}): "
+                        f"finish it with --stage {saved} --restore {path}, or train both with --stage all")
+    return wanted, "next"
 
 
 class StopSignal:
@@ -409,14 +491,17 @@ def main(argv: list[str]) -> None:
     dist, device = init_distributed(H.device)  # torchrun: one process per device; else one process
     completed = False
     try:
-        train(H, dist, device)
+        with contextlib.ExitStack() as cleanup:  # the run folder's lock, released however train ends
+            train(H, dist, device, cleanup)
         completed = True
     finally:  # every way out leaves the process group: a normal end, a signal, too many skips, an error
         end_distributed(dist, completed)
 
 
-def train(H: Hyperparams, dist: Dist, device: torch.device) -> None:
+def train(H: Hyperparams, dist: Dist, device: torch.device, cleanup: contextlib.ExitStack) -> None:
     # ---- settings, data, run folder -----------------------------------------------------------
+    if H.tensorboard:
+        tensorboard_writer()  # missing: one line before anything is loaded or written
     torch.manual_seed(H.seed)
     np.random.seed(H.seed)
     data = load_data_per_node(H, dist)  # binarized held-out splits for --likelihood bernoulli
@@ -437,7 +522,9 @@ def train(H: Hyperparams, dist: Dist, device: torch.device) -> None:
     if dist.main:
         create_run_dir(run_dir)
         lock.acquire(warn=warnings.append)
-    log = RunLogger(run_dir, echo=tqdm.write) if dist.main else NullLogger()  # rank 0 alone writes
+        cleanup.callback(lock.release)
+    # rank 0 alone writes
+    log = RunLogger(run_dir, echo=tqdm.write, tensorboard=H.tensorboard) if dist.main else NullLogger()
     for warning in [*warnings, *data.notes]:
         log.info(warning)
     if dist.main:
@@ -445,40 +532,25 @@ def train(H: Hyperparams, dist: Dist, device: torch.device) -> None:
             log.info(f"removed {tmp.name}, a checkpoint left half-written by a process that was killed while saving")
     conditional = H.n_classes > 0
 
-    # ---- speed settings, model, EMA, optimiser ------------------------------------------------
+    # ---- speed settings and the stages to train ---------------------------------------------------
+    # one stage for most families; the vqvae trains its autoencoder, then its prior, each with its own optimiser,
+    # steps and checkpoints in this run folder (the step count runs on through both)
+    stages = FAMILY_STAGES[H.model]
+    run_stages, begin = plan_stages(H, stages, resume)
     steps_per_epoch = len(data.train) // global_batch
-    total = min(H.max_steps or math.inf, H.num_epochs * steps_per_epoch)
+
+    def stage_total(stage: str) -> float:  # the stage's steps, at most num_epochs epochs
+        return min(stage_budget(H, stages.index(stage))[0] or math.inf, H.num_epochs * steps_per_epoch)
+
     # the auto fields, measured on this machine (or read from the cache of an earlier measurement) by rank 0
-    settings = dist.broadcast(choose_speed_settings(H, device, total, Trainer, log=log.info) if dist.main else None)
+    settings = dist.broadcast(choose_speed_settings(H, device, stage_total(run_stages[0]), Trainer, log=log.info)
+                              if dist.main else None)
     for field, value in settings.items():
         setattr(H, field, value)
-    trainer = Trainer(H, device, dist=dist)
-    model, ema = trainer.model, trainer.ema
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped": 0,
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped": 0, "stage_start": 0, "stage_end": 0,
              "attribute_means": data.train.labels.float().mean(0).tolist() if data.multi_label else None}
-    if resume is not None:
-        restore_run(*resume, H, trainer, state)
-        # batch_in_epoch counts global batches: rescale when the number of processes changed
-        saved_global = resume[1].get("global_batch", H.n_batch)
-        state["batch_in_epoch"] = state["batch_in_epoch"] * saved_global // global_batch
-        log.info(f"resumed from {resume[0]} at step {state['step']}" if "optimizer" in resume[1] else
-                 f"initialised from the weights of {resume[0]}; a new run starts at step 0")
-    elif H.restore == "latest":
-        log.info(f"--restore latest: no checkpoint in {run_dir} yet, starting a fresh run")
 
-    n_params = count_parameters(model)
-    log.info(f"processes {dist.world} | global batch {global_batch} (n_batch {H.n_batch} x {dist.world} processes x "
-             f"grad_accum {H.grad_accum})")
-    log.info(f"run folder {run_dir} | device {device} | dataset {H.dataset}: {len(data.train)} train, "
-             f"{len(data.valid)} valid, {len(data.test)} test, {len(data.class_names)} classes")
-    log.info(f"model parameters: {n_params:,} ({n_params}) | conditional: {conditional}")
-    log.info(f"speed settings: {trainer.settings()}")
-    log.info("hyperparameters: " + ", ".join(f"{k}={v}" for k, v in H.to_dict().items()))
-    log.metrics("config", n_params=n_params, hps=H.to_dict(), class_names=data.class_names,
-                resumed_from_step=state["step"])
-
-    def save() -> Path:
-        state["skipped"] = int(skipped)
+    def save(trainer: Trainer) -> Path:
         latest = run_dir / "latest.pt"
         if dist.main:
             try:
@@ -492,26 +564,26 @@ def train(H: Hyperparams, dist: Dist, device: torch.device) -> None:
                                 f"({err.strerror or err}); {held}") from None
         return latest
 
-    def run_eval(split_name: str, split: Split) -> dict:
+    def run_eval(trainer: Trainer, split_name: str, split: Split) -> dict:
         with autocast(device, trainer.amp_dtype):  # the training precision; likelihood and KL stay fp32
-            result = evaluate_elbo(ema, split, H.n_batch_eval, device, dist=dist)
+            result = evaluate_elbo(trainer.ema, split, H.n_batch_eval, device, dist=dist)
         result.pop("per_image")
+        result["kl_per_resolution"] = kl_per_resolution(trainer.ema, result["kl_groups"])
         nats = f" | {result['nats_per_image']:.2f} nats per image" if H.likelihood == "bernoulli" else ""
+        # the family's own figures (the vqvae's codebook perplexity and unused codes) of the latest training batches
+        extras = "".join(f" | {k} {v:.2f}" for k, v in latest_extras.items())
         log.info(f"step {state['step']} | {split_name} bits/dim (EMA) {result['loss']:.4f} "
-                 f"= recon {result['recon']:.4f} + kl {result['kl']:.4f}{nats}")
-        log.metrics("eval", step=state["step"], split=split_name, **result)
+                 f"= recon {result['recon']:.4f} + kl {result['kl']:.4f}{nats}{extras}")
+        log.metrics("eval", step=state["step"], split=split_name, stage=trainer.stage, **result)
+        log.curves()  # curves.png: the run so far, at every evaluation
+        if log.wants_images and split_name == "valid" and trainer.stage == stages[-1]:  # TensorBoard: a grid too
+            with autocast(device, trainer.amp_dtype):
+                log.image("samples", crop_padding(sample_grid(trainer.ema, grid_rows(H, data)[0], 10, H.temperature,
+                                                              device, seed=H.seed), H.pad), 10, state["step"])
         return result
 
-    # ---- the loop -----------------------------------------------------------------------------
-    bar = tqdm(total=total, initial=state["step"], desc="train", dynamic_ncols=True, mininterval=1.0,
-               file=sys.stderr, disable=not dist.main)
-    window = Window(device, dist)
-    skipped = torch.tensor(state["skipped"], device=device)  # read back only when logged or saved
-    skip_run = torch.zeros((), dtype=torch.long, device=device)  # updates skipped in a row, and the longest
-    longest_skip_run = torch.zeros((), dtype=torch.long, device=device)
-    check_every = min(H.log_every, H.skip_limit) if H.skip_limit else H.log_every  # reading skips costs a sync
-    stop = StopSignal(dist)
     reported_skips: set[Path] = set()
+    latest_extras: dict[str, float] = {}  # the last log window's means of a family's own figures
 
     def report_skipped_images() -> None:  # image files that could not be decoded when their batch came up
         for path in sorted(skipped_images(data) - reported_skips):
@@ -519,80 +591,150 @@ def train(H: Hyperparams, dist: Dist, device: torch.device) -> None:
             log.info(f"warning: skipped unreadable image {path} (another image of its class stood in); "
                      f"{len(reported_skips)} so far")
     train_images = on_device_if_small(data.train, device)
-    start_time = time.perf_counter()
-    model.train()
-    try:
-        while state["step"] < total:
-            batches = epoch_batches(train_images, H.n_batch, H.seed, state["epoch"], state["batch_in_epoch"],
-                                    dist.rank, dist.world, H.grad_accum)
-            for images, labels in batches:
-                skip, stats = trainer.step(images.to(device, non_blocking=True),
-                                           labels.to(device, non_blocking=True) if conditional else None)
-                state["step"] += 1
-                state["batch_in_epoch"] += 1
-                skipped += skip
-                skip_run = (skip_run + 1) * skip
-                longest_skip_run = torch.maximum(longest_skip_run, skip_run)
-                window.add(skip, stats)
-                bar.update(1)
-                step = state["step"]
-                if step % H.log_every == 0 or step == total:
-                    report_skipped_images()
-                    summary = window.summary(global_batch)
-                    state["skipped"] = int(skipped)
-                    bar.set_postfix(bpd=f"{summary['loss']:.3f}", gnorm=f"{summary['grad_norm']:.1f}",
-                                    skipped=state["skipped"], img_s=f"{summary['img_per_s']:.0f}")
-                    log.metrics("train", step=step, epoch=state["epoch"], lr=trainer.scheduler.get_last_lr()[0],
-                                skipped_updates=state["skipped"], **summary)
-                if H.skip_limit and step % check_every == 0 and longest_skip_run.item() >= H.skip_limit:
-                    path = save()  # skipped updates leave the weights alone: these are the last good ones
-                    raise UserError(f"stopped at step {step}: {H.skip_limit} updates in a row were skipped "
-                                    f"(non-finite loss or gradient, or gradient norm >= --skip_threshold); {path} "
-                                    f"holds the last good weights. Lower --lr, raise --skip_threshold or "
-                                    f"--skip_limit, or check the data")
-                received = stop.agreed()  # the same answer on every rank, at most two steps after the signal
-                if received is not None:
-                    path = save()
-                    name = signal.Signals(received).name
-                    log.info(f"{name} at step {step}: saved {path}; resume with --save_dir {run_dir} --restore latest")
-                    sys.exit(128 + received)
-                if H.eval_every and step % H.eval_every == 0 and step < total:
-                    run_eval("valid", data.valid)
-                if (step % H.save_every == 0 or (H.keep_every and step % H.keep_every == 0)) and step < total:
-                    save()  # a keep_every step saves too, whatever save_every is, so that step-N.pt is step N
-                if step >= total:
-                    break
-            else:  # the epoch ran out: the next one starts from its first batch
-                state["epoch"] += 1
-                state["batch_in_epoch"] = 0
-    except BaseException as err:  # a stop (signal, too many skips) or a failure: the log is complete up to here
-        log.close()
-        if is_out_of_memory(err):
-            raise UserError(f"out of memory on {device} at step {state['step'] + 1} with --n_batch {H.n_batch} (and "
-                            f"--n_batch_eval {H.n_batch_eval} for evaluation): lower --n_batch, recompute activations "
-                            f"with --grad_checkpoint blocks, or keep the global batch with --n_batch "
-                            f"{max(1, H.n_batch // 2)} --grad_accum {2 * H.grad_accum}; nothing was saved from this "
-                            f"step") from None
-        raise
-    finally:
-        bar.close()
-        stop.close()
-    train_seconds = time.perf_counter() - start_time
-    state["skipped"] = int(skipped)
 
-    # ---- the end: checkpoint, held-out evaluation, samples ------------------------------------
-    save()
+    # ---- the loop of one stage ------------------------------------------------------------------
+    def run_steps(trainer: Trainer, total: float) -> float:
+        """Train ``trainer``'s stage from state["step"] to ``total``; returns the seconds it took."""
+        bar = tqdm(total=total, initial=state["step"], desc=f"train {trainer.stage}" if len(stages) > 1 else "train",
+                   dynamic_ncols=True, mininterval=1.0, file=sys.stderr, disable=not dist.main)
+        window = Window(device, dist)
+        skipped = torch.tensor(state["skipped"], device=device)  # read back only when logged or saved
+        skip_run = torch.zeros((), dtype=torch.long, device=device)  # updates skipped in a row, and the longest
+        longest_skip_run = torch.zeros((), dtype=torch.long, device=device)
+        check_every = min(H.log_every, H.skip_limit) if H.skip_limit else H.log_every  # reading skips costs a sync
+        stop = StopSignal(dist)
+        start_time = time.perf_counter()
+        trainer.model.train()
+        try:
+            while state["step"] < total:
+                batches = epoch_batches(train_images, H.n_batch, H.seed, state["epoch"], state["batch_in_epoch"],
+                                        dist.rank, dist.world, H.grad_accum)
+                for images, labels in batches:
+                    skip, stats = trainer.step(images.to(device, non_blocking=True),
+                                               labels.to(device, non_blocking=True) if conditional else None)
+                    state["step"] += 1
+                    state["batch_in_epoch"] += 1
+                    skipped += skip
+                    skip_run = (skip_run + 1) * skip
+                    longest_skip_run = torch.maximum(longest_skip_run, skip_run)
+                    window.add(skip, stats)
+                    bar.update(1)
+                    step = state["step"]
+                    if step % H.log_every == 0 or step == total:
+                        report_skipped_images()
+                        summary = window.summary(global_batch, trainer.metric_names)
+                        latest_extras.update({k: summary[k] for k in trainer.extra_metrics})
+                        state["skipped"] = int(skipped)
+                        bar.set_postfix(bpd=f"{summary['loss']:.3f}", gnorm=f"{summary['grad_norm']:.1f}",
+                                        skipped=state["skipped"], img_s=f"{summary['img_per_s']:.0f}")
+                        log.metrics("train", step=step, epoch=state["epoch"], stage=trainer.stage,
+                                    lr=trainer.scheduler.get_last_lr()[0], skipped_updates=state["skipped"],
+                                    **summary)
+                    if H.skip_limit and step % check_every == 0 and longest_skip_run.item() >= H.skip_limit:
+                        state["skipped"] = int(skipped)
+                        path = save(trainer)  # skipped updates leave the weights alone: these are the last good ones
+                        raise UserError(f"stopped at step {step}: {H.skip_limit} updates in a row were skipped "
+                                        f"(non-finite loss or gradient, or gradient norm >= --skip_threshold); {path} "
+                                        f"holds the last good weights. Lower --lr, raise --skip_threshold or "
+                                        f"--skip_limit, or check the data")
+                    received = stop.agreed()  # the same answer on every rank, at most two steps after the signal
+                    if received is not None:
+                        state["skipped"] = int(skipped)
+                        path = save(trainer)
+                        name = signal.Signals(received).name
+                        log.info(f"{name} at step {step}: saved {path}; resume with --save_dir {run_dir} "
+                                 f"--restore latest")
+                        sys.exit(128 + received)
+                    if H.eval_every and step % H.eval_every == 0 and step < total:
+                        run_eval(trainer, "valid", data.valid)
+                    if (step % H.save_every == 0 or (H.keep_every and step % H.keep_every == 0)) and step < total:
+                        state["skipped"] = int(skipped)
+                        save(trainer)  # a keep_every step saves too, whatever save_every is, so that step-N.pt is N
+                    if step >= total:
+                        break
+                else:  # the epoch ran out: the next one starts from its first batch
+                    state["epoch"] += 1
+                    state["batch_in_epoch"] = 0
+        except BaseException as err:  # a stop (signal, too many skips) or a failure: the log is complete up to here
+            log.close()
+            if is_out_of_memory(err):
+                raise UserError(f"out of memory on {device} at step {state['step'] + 1} with --n_batch {H.n_batch} "
+                                f"(and --n_batch_eval {H.n_batch_eval} for evaluation): lower --n_batch, recompute "
+                                f"activations with --grad_checkpoint blocks, or keep the global batch with --n_batch "
+                                f"{max(1, H.n_batch // 2)} --grad_accum {2 * H.grad_accum}; nothing was saved from "
+                                f"this step") from None
+            raise
+        finally:
+            bar.close()
+            stop.close()
+        state["skipped"] = int(skipped)
+        return time.perf_counter() - start_time
+
+    # ---- each stage: model, EMA, optimiser, (resume), the loop, its checkpoint ----------------------
+    handover: dict | None = None  # the checkpoint dict of the stage just finished, where the next one begins
+    train_seconds = 0.0
+    for stage in run_stages:
+        trainer = Trainer(H, device, dist=dist, stage=stage)
+        if handover is not None:
+            start_after_stage(handover, trainer, state)
+            log.info(f"stage {stage} starts at step {state['step']} from the {handover['stage']} stage's EMA weights")
+        elif begin == "resume":
+            restore_run(*resume, H, trainer, state)
+            log.info(f"resumed from {resume[0]} at step {state['step']}" if "optimizer" in resume[1] else
+                     f"initialised from the weights of {resume[0]}; a new run starts at step 0")
+        elif begin == "next":
+            start_after_stage(resume[1], trainer, state)
+            log.info(f"stage {stage} starts at step {state['step']} from the finished {resume[1]['stage']} stage "
+                     f"of {resume[0]} (its EMA weights)")
+        elif H.restore == "latest":
+            log.info(f"--restore latest: no checkpoint in {run_dir} yet, starting a fresh run")
+        if handover is None and begin != "fresh":  # batch_in_epoch counts global batches: rescale for a new count
+            saved_global = resume[1].get("global_batch", H.n_batch)
+            state["batch_in_epoch"] = state["batch_in_epoch"] * saved_global // global_batch
+        state["stage_end"] = state["stage_start"] + stage_total(stage)
+        n_params, n_trained = count_parameters(trainer.model), sum(p.numel() for p in trainer.trained)
+        if handover is None:  # the run's header, once
+            log.info(f"processes {dist.world} | global batch {global_batch} (n_batch {H.n_batch} x {dist.world} "
+                     f"processes x grad_accum {H.grad_accum})")
+            log.info(f"run folder {run_dir} | device {device} | dataset {H.dataset}: {len(data.train)} train, "
+                     f"{len(data.valid)} valid, {len(data.test)} test, {len(data.class_names)} classes")
+            log.info(f"model parameters: {n_params:,} ({n_params}) | conditional: {conditional}")
+            log.info(f"speed settings: {trainer.settings()}")
+            log.info("hyperparameters: " + ", ".join(f"{k}={v}" for k, v in H.to_dict().items()))
+            log.metrics("config", n_params=n_params, hps=H.to_dict(), class_names=data.class_names,
+                        resumed_from_step=state["step"])
+        if len(stages) > 1:
+            log.info(f"stage {stage} ({stages.index(stage) + 1} of {len(stages)}): trains {n_trained:,} parameters "
+                     f"from step {state['step']} to {state['stage_end']:.0f}, peak lr "
+                     f"{trainer.scheduler.base_lrs[0]:g}")
+        train_seconds += run_steps(trainer, state["stage_end"])
+        path = save(trainer)
+        handover = checkpoint_dict(H, trainer, state, data.class_names)  # every rank: where the next stage begins
+        if stage != stages[-1]:  # a finished stage that a later one starts from: kept as <stage>.pt
+            if dist.main:
+                keep_stage_copy(path, stage)
+            log.info(f"stage {stage} finished at step {state['step']}: {run_dir / f'{stage}.pt'}")
+            run_eval(trainer, "valid", data.valid)
+
+    # ---- the end: held-out evaluation, samples ------------------------------------------------------
     log.info(f"trained to step {state['step']} in {train_seconds:.0f} s ({state['skipped']} updates skipped); "
              f"checkpoint {run_dir / 'latest.pt'}")
-    result = run_eval("test", data.test)
+    if trainer.stage != stages[-1]:  # --stage autoencoder: the prior that sampling needs is not trained yet
+        following = stages[stages.index(trainer.stage) + 1]
+        log.info(f"the {following} stage is next: python train.py --hps {H.hps} --model {H.model} --stage "
+                 f"{following} --restore {run_dir}")
+        log.close()
+        return
+    result = run_eval(trainer, "test", data.test)
     report_skipped_images()
     if not dist.main:  # rank 0 alone draws the samples; the others wait for it in end_distributed
         return
     with autocast(device, trainer.amp_dtype):
         rows, row_names = grid_rows(H, data)
-        images = sample_grid(ema, rows, 10, H.temperature, device, seed=H.seed)
+        images = sample_grid(trainer.ema, rows, 10, H.temperature, device, seed=H.seed)
     grid_path = run_dir / "samples.png"
     save_grid(crop_padding(images, H.pad), grid_path, nrow=10, row_labels=row_names)
+    log.image("samples", crop_padding(images, H.pad), 10, state["step"])
     if Path("assets").is_dir() and not user_chose_folder:  # a default run from the repository: refresh
         shutil.copyfile(grid_path, Path("assets") / f"{H.hps}_samples.png")  # the preset's README picture
     log.info(f"samples (a row per class, t={H.temperature}): {grid_path}")

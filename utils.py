@@ -398,18 +398,64 @@ class NullLogger:
     def metrics(self, kind: str, **values: Any) -> None:
         pass
 
+    def curves(self) -> None:
+        pass
+
+    wants_images = False
+
+    def image(self, tag: str, images, nrow: int, step: int) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
 
-class RunLogger:
-    """Writes ``log.txt`` (human) and ``metrics.jsonl`` (one JSON object per record) in a run folder."""
+def tensorboard_writer(log_dir: Path | None = None):
+    """torch's SummaryWriter into ``log_dir`` (None: only check that it can be made), or a one-line error naming the
+    install command where tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard "
+                        "(or pip install -r requirements-app.txt)") from None
+    return None if log_dir is None else SummaryWriter(log_dir=str(log_dir))
 
-    def __init__(self, run_dir: Path, echo: Callable[[str], None] = print):
+
+def _scalars(values: dict, prefix: str = "") -> list[tuple[str, float]]:
+    """The numbers of a metrics record as (name, value), nested dicts (KL per resolution) as name/key."""
+    out = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out += _scalars(value, f"{prefix}{key}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "time"):
+            out.append((f"{prefix}{key}", float(value)))
+    return out
+
+
+class RunLogger:
+    """Writes ``log.txt`` (human) and ``metrics.jsonl`` (one JSON object per record) in a run folder, draws
+    ``curves.png`` from the metrics when asked, and with ``tensorboard`` logs the same scalars (and sample grids)
+    to TensorBoard in ``RUN/tensorboard``."""
+
+    def __init__(self, run_dir: Path, echo: Callable[[str], None] = print, tensorboard: bool = False):
         self.run_dir = run_dir
         self.echo = echo
+        self.writer = tensorboard_writer(run_dir / "tensorboard") if tensorboard else None
         self._log = open(run_dir / "log.txt", "a", encoding="utf-8")
         self._metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+
+    @property
+    def wants_images(self) -> bool:
+        """Whether sample grids are worth drawing for the log (TensorBoard is on)."""
+        return self.writer is not None
+
+    def image(self, tag: str, images, nrow: int, step: int) -> None:
+        """A grid of uint8 images (N, C, H, W) to TensorBoard at ``step``."""
+        if self.writer is not None:
+            from torchvision.utils import make_grid
+
+            self.writer.add_image(tag, make_grid(images, nrow=nrow, padding=1), step)
+            self.writer.flush()
 
     def info(self, message: str) -> None:
         self.echo(message)
@@ -420,10 +466,21 @@ class RunLogger:
         record = {"kind": kind, "time": round(time.time(), 3), **values}
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
+        if self.writer is not None and "step" in values:  # train/loss, valid/kl_per_resolution/4, final/test_bpd
+            group = values.get("split", kind)
+            for name, value in _scalars({k: v for k, v in values.items() if k != "split"}):
+                self.writer.add_scalar(f"{group}/{name}", value, values["step"])
+            self.writer.flush()
+
+    def curves(self) -> Path:
+        """Redraw ``curves.png`` from the metrics so far (see draw_curves)."""
+        return draw_curves({self.run_dir.name: read_metrics(self.run_dir)}, self.run_dir / "curves.png")
 
     def close(self) -> None:
         self._log.close()
         self._metrics.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,6 +572,15 @@ def keep_copy(latest: Path, step: int, keep_last: int) -> Path:
     return kept
 
 
+def keep_stage_copy(latest: Path, stage: str) -> Path:
+    """Keep the checkpoint that ends a training stage as ``<stage>.pt`` beside ``latest`` (a hard link where possible),
+    so a later stage can be trained again from it (``--stage prior --restore RUN/autoencoder.pt``)."""
+    kept = latest.with_name(f"{stage}.pt")
+    _link_or_copy(latest, kept)
+    _fsync_dir(latest.parent)
+    return kept
+
+
 def resume_candidates(run_dir: Path) -> list[Path]:
     """A run folder's checkpoints, newest first: latest.pt, previous.pt, then step-N.pt from the highest N."""
     run_dir = Path(run_dir)
@@ -565,3 +631,85 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict[str, An
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a checkpoint of this project (no '{CHECKPOINT_FORMAT}' format tag)")
     return ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+# Curves: a run's metrics.jsonl as a picture (train.py's curves.png, plot.py's comparisons)
+# ---------------------------------------------------------------------------------------------
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of a run folder's metrics.jsonl; a half-written last line (a run killed while writing it) is
+    left out."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"{run_dir} holds no metrics.jsonl: not a run folder of train.py")
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def _curve_x(records: list[dict], x: str, start: float) -> list[float]:
+    return [r["step"] if x == "step" else r["time"] - start for r in records]
+
+
+def draw_curves(runs: dict[str, list[dict]], out: str | Path, x: str = "step") -> Path:
+    """Four panels for one run or several overlaid (a colour each): training and validation bits/dim (and the
+    final test figure), the validation KL per resolution, the gradient norm, and the skipped updates, against
+    steps or (``x="time"``) seconds since each run's first record. Written as a PNG with matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    if x not in ("step", "time"):
+        raise UserError(f"--x must be step or time, got {x!r}")
+    fig, ((ax_bpd, ax_kl), (ax_grad, ax_skip)) = plt.subplots(2, 2, figsize=(12, 8))
+    several = len(runs) > 1
+    for i, (name, records) in enumerate(runs.items()):
+        prefix, color = (f"{name} " if several else ""), f"C{i}"
+        start = min((r["time"] for r in records if "time" in r), default=0.0)
+        train = [r for r in records if r.get("kind") == "train"]
+        valid = [r for r in records if r.get("kind") == "eval" and r.get("split") == "valid"]
+        test = [r for r in records if r.get("kind") == "eval" and r.get("split") == "test"]
+        ax_bpd.plot(_curve_x(train, x, start), [r["loss"] for r in train], color=color, alpha=0.45, lw=1,
+                    label=f"{prefix}train")
+        ax_bpd.plot(_curve_x(valid, x, start), [r["loss"] for r in valid], color=color, marker="o", ms=3,
+                    label=f"{prefix}valid (EMA)")
+        if test:
+            ax_bpd.plot(_curve_x(test[-1:], x, start), [test[-1]["loss"]], color=color, marker="*", ms=12, ls="",
+                        label=f"{prefix}test {test[-1]['loss']:.4f}")
+        resolutions = sorted({res for r in valid for res in r.get("kl_per_resolution", {})},
+                             key=lambda res: (not res.isdigit(), int(res) if res.isdigit() else 0))
+        for j, res in enumerate(resolutions):
+            points = [(xv, r["kl_per_resolution"][res]) for xv, r in zip(_curve_x(valid, x, start), valid)
+                      if res in r.get("kl_per_resolution", {})]
+            label = f"{prefix}{res}x{res}" if res.isdigit() else f"{prefix}{res}"
+            ax_kl.plot(*zip(*points), color=color if several else f"C{j}", marker="o", ms=3, label=label,
+                       ls=["-", "--", ":", "-."][j % 4] if several else "-")
+        ax_grad.plot(_curve_x(train, x, start), [r["grad_norm"] for r in train], color=color, lw=1,
+                     label=f"{prefix}gradient norm")
+        ax_skip.plot(_curve_x(train, x, start), [r.get("skipped_updates", 0) for r in train], color=color,
+                     label=f"{prefix}skipped updates")
+    ax_bpd.set(title="negative ELBO (bits/dim)", ylabel="bits/dim")
+    ax_kl.set(title="validation KL per resolution (bits/dim)", ylabel="bits/dim")
+    ax_grad.set(title="gradient norm (of the loss in nats/dim)", yscale="log")
+    ax_skip.set(title="skipped updates (cumulative)")
+    for ax in (ax_bpd, ax_kl, ax_grad, ax_skip):
+        ax.set_xlabel("step" if x == "step" else "seconds since the run's first record")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(out)
+    try:
+        fig.savefig(out, dpi=90)
+    except OSError as err:
+        raise UserError(f"cannot write {out}: {err.strerror}") from None
+    finally:
+        plt.close(fig)
+    return out

@@ -23,7 +23,7 @@ from hps import Hyperparams
 from vae_helpers import (Block, bernoulli_log_prob, bernoulli_sample, discretized_gaussian_log_prob, elbo_report,
                          discretized_gaussian_sample, dmol_log_prob, dmol_sample, draw_gaussian_diag_samples,
                          gaussian_analytical_kl, gaussian_log_prob, get_conv, get_width_settings,
-                         likelihood_param_count, levels_to_uint8, parse_layer_string, preprocess_images,
+                         likelihood_param_count, levels_to_uint8, parse_layer_string, preprocess_images, SingleStage,
                          without_autocast)
 
 
@@ -293,7 +293,7 @@ class Decoder(nn.Module):
         return x, stats
 
 
-class VAE(nn.Module):
+class VAE(SingleStage, nn.Module):
     """Encoder + decoder + output likelihood; losses are in bits per dimension.
 
     The ``vdvae`` model family: cvae.CVAE and cvae.VLAE meet the same contract (see /work/shared/DESIGN.md).

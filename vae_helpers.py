@@ -440,6 +440,22 @@ def elbo_report(recon_nats: torch.Tensor, kl_groups_nats: torch.Tensor, ndims: f
     }
 
 
+class SingleStage:
+    """The stage contract of a family that trains all its parameters at once: one stage, "model" (the vqvae trains
+    its autoencoder, then its prior, each stage with its own optimiser over ``stage_parameters``)."""
+
+    stages = ("model",)
+    stage = "model"
+    # what evaluate.py calls the bound and its two terms (the vqvae's are not an ELBO and a KL)
+    bound_terms = ("negative ELBO", "reconstruction", "KL")
+
+    def stage_parameters(self, stage: str | None = None) -> list:
+        """Every parameter: the one stage trains them all."""
+        if stage not in (None, *self.stages):
+            raise ValueError(f"the {self.family} family trains in one stage, 'model'; got {stage!r}")
+        return list(self.parameters())
+
+
 def check_family_settings(H, cls) -> None:
     """A model class builds only its own family (``cls.family``), from settings whose class count is known."""
     if H.n_classes < 0:

@@ -32,22 +32,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cvae import label_vector
-from hps import Hyperparams
+from hps import FAMILY_STAGES, Hyperparams
 from vae import OutputNet
 from vae_helpers import (check_family_settings, elbo_report, levels_to_uint8, preprocess_images,
                          without_autocast)
 
-STAGES = ("autoencoder", "prior")
-# Defaults of the settings hps.py does not (yet) have: read with getattr, overridable in the constructor.
-DEFAULTS = {"codebook_size": 128, "code_dim": 64, "commitment_beta": 0.25, "prior_channels": 64,
-            "prior_layers": 12, "vq_downsample": 0}
-
-
-def _setting(H: Hyperparams, name: str, value):
-    """``value`` when given, else H's field ``name`` when hps.py has one, else the default."""
-    if value is not None:
-        return value
-    return getattr(H, name, DEFAULTS[name])
+STAGES = FAMILY_STAGES["vqvae"]  # ("autoencoder", "prior")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,7 +96,9 @@ class VectorQuantizer(nn.Module):
             commitment_loss = F.mse_loss(z_e32, e.detach())
             z_q = z_e32 + (e - z_e32).detach()  # straight-through: forward e, backward the identity to z_e
             with torch.no_grad():
-                counts = torch.bincount(codes.reshape(-1), minlength=self.K).float()
+                flat_codes = codes.reshape(-1)  # index_add_, not bincount: it also runs on the meta device and compiled
+                counts = torch.zeros(self.K, device=codes.device).index_add_(
+                    0, flat_codes, torch.ones(flat_codes.shape, device=codes.device))
                 p = counts / counts.sum()
                 perplexity = torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum())
                 dead = (counts == 0).sum().float()
@@ -175,9 +167,10 @@ class GatedBlock(nn.Module):
     position (i, j) reads every position before it in raster order: no blind spot.
     """
 
-    def __init__(self, channels: int, n_classes: int, k: int = 3):
+    def __init__(self, channels: int, n_classes: int, k: int = 3, dropout: float = 0.0):
         super().__init__()
         c = channels
+        self.dropout = nn.Dropout(dropout)  # on the residual branch, as PixelCNN++ and VQ-VAE-2's priors do
         self.v_conv = VerticalConv(c, 2 * c, k)
         self.h_conv = HorizontalConv(c, 2 * c, k)
         self.v_to_h = nn.Conv2d(2 * c, 2 * c, 1)
@@ -191,7 +184,7 @@ class GatedBlock(nn.Module):
         if self.cond is not None:
             cv, ch = self.cond(y.to(v_feat.dtype))[:, :, None, None].chunk(2, dim=1)
             v_feat, h_feat = v_feat + cv, h_feat + ch
-        return _gate(v_feat), h + self.h_out(_gate(h_feat))
+        return _gate(v_feat), h + self.h_out(self.dropout(_gate(h_feat)))
 
 
 class GatedPixelCNN(nn.Module):
@@ -199,17 +192,18 @@ class GatedPixelCNN(nn.Module):
 
     A learned embedding of each code (``channels``), a type-A first layer (7x7, read as its vertical and horizontal
     halves), ``n_layers`` gated residual blocks (3x3), then 1x1 convolutions to 512 channels and to the K logits
-    (those two in float32 even under autocast). ``n_classes`` 0 makes it unconditional.
+    (those two in float32 even under autocast). ``n_classes`` 0 makes it unconditional. ``dropout`` acts on each
+    block's residual branch while training.
     """
 
     def __init__(self, K: int, n_classes: int, channels: int = 64, n_layers: int = 12, hidden: int = 512,
-                 first_kernel: int = 7, kernel: int = 3):
+                 first_kernel: int = 7, kernel: int = 3, dropout: float = 0.0):
         super().__init__()
         self.K, self.n_classes = K, n_classes
         self.embedding = nn.Embedding(K, channels)
         self.v_first = VerticalConv(channels, channels, first_kernel, strict=True)
         self.h_first = HorizontalConv(channels, channels, first_kernel, strict=True)
-        self.blocks = nn.ModuleList(GatedBlock(channels, n_classes, kernel) for _ in range(n_layers))
+        self.blocks = nn.ModuleList(GatedBlock(channels, n_classes, kernel, dropout) for _ in range(n_layers))
         self.head1 = nn.Conv2d(channels, hidden, 1)
         self.head2 = nn.Conv2d(hidden, K, 1)
 
@@ -273,10 +267,10 @@ class ResBlock(nn.Module):
         return x + self.c2(F.relu(self.c1(F.relu(x))))
 
 
-def downsample_stages(H: Hyperparams, value: int | None = None) -> int:
+def downsample_stages(H: Hyperparams) -> int:
     """Stride-2 stages from the image to the code grid: ``vq_downsample`` when set (> 0), else 1 for images of
     8 pixels or fewer (8x8 digits -> a 4x4 grid) and 2 above (32x32 -> 8x8, the paper's CIFAR-10 grid)."""
-    stages = _setting(H, "vq_downsample", value)
+    stages = H.vq_downsample
     if not stages:
         stages = 1 if H.image_size <= 8 else 2
     if H.image_size % 2 ** stages:
@@ -326,34 +320,29 @@ class VQDecoder(nn.Module):
 
 
 class VQVAE(nn.Module):
-    """The VQ-VAE with a class-conditional gated PixelCNN prior ``prior`` over its code grid.
-
-    The settings hps.py may lack are read with getattr defaults and can be given here: ``codebook_size`` K (128),
-    ``code_dim`` D (64), ``commitment_beta`` (0.25), ``prior_channels`` (64), ``prior_layers`` (12),
-    ``vq_downsample`` (0: by image size).
-    """
+    """The VQ-VAE (``H.codebook_size`` codes of ``H.code_dim`` dimensions on a grid ``H.vq_downsample`` stride-2
+    stages below the image) with a class-conditional gated PixelCNN prior ``prior`` over its code grid
+    (``H.prior_channels`` channels, ``H.prior_layers`` gated blocks), trained in two stages (``stages``)."""
 
     family = "vqvae"
+    stages = STAGES
+    bound_terms = ("bound -log p(x|z_q) - log p(z_q|y)", "reconstruction -log p(x|z_q)", "prior -log p(z_q|y)")
     # no prior noise (the latent is discrete and the posterior deterministic), no groups to explore
     abilities = frozenset()
 
-    def __init__(self, H: Hyperparams, codebook_size: int | None = None, code_dim: int | None = None,
-                 commitment_beta: float | None = None, prior_channels: int | None = None,
-                 prior_layers: int | None = None, vq_downsample: int | None = None):
+    def __init__(self, H: Hyperparams):
         super().__init__()
         check_family_settings(H, type(self))
         self.H = H
         self.n_classes = H.n_classes
-        self.codebook_size = int(_setting(H, "codebook_size", codebook_size))
-        self.code_dim = int(_setting(H, "code_dim", code_dim))
-        self.beta = float(_setting(H, "commitment_beta", commitment_beta))
-        stages = downsample_stages(H, vq_downsample)
+        self.codebook_size, self.code_dim, self.beta = H.codebook_size, H.code_dim, H.commitment_beta
+        stages = downsample_stages(H)
         self.grid = H.image_size // 2 ** stages
         self.encoder = VQEncoder(H, self.code_dim, stages)
         self.quantizer = VectorQuantizer(self.codebook_size, self.code_dim)
         self.decoder = VQDecoder(H, self.code_dim, stages)
-        self.prior = GatedPixelCNN(self.codebook_size, H.n_classes, int(_setting(H, "prior_channels", prior_channels)),
-                                   int(_setting(H, "prior_layers", prior_layers)))
+        self.prior = GatedPixelCNN(self.codebook_size, H.n_classes, H.prior_channels, H.prior_layers,
+                                   dropout=H.prior_dropout)
         self._stage = "autoencoder"
 
     # ---- stages ----------------------------------------------------------------------------------

@@ -1,18 +1,19 @@
 """Every model family on the digits, like for like (a benchmark: it prints a table and one JSON line).
 
-    python bench/families.py --hps digits                       # vdvae, cvae and vlae, each as train.py runs it
+    python bench/families.py --hps digits                       # every family, each as train.py runs it
     python bench/families.py --hps digits --families cvae,vlae  # some of them
     python bench/families.py --hps digits --max_steps 200       # a quick look (any train.py field is passed on)
 
 Each family trains in a process of its own with exactly ``python train.py --hps digits --model NAME`` (the same
-data, steps, batch, optimiser and schedule: the preset's budget), then bench/quality.py scores its run on the
+data, steps, batch, optimiser and schedule: the preset's budget; the vqvae's prior then trains for the preset's
+--prior_steps), then bench/quality.py scores its run on the
 held-out digits: the negative ELBO and the importance-weighted bound (K=100) in bits/dim, generative
 classification accuracy, and class-consistency of 1,000 samples judged by an SVC fit on the real training digits.
 The per-class pixel-histogram baseline puts the figures in context. Writes each family's sample grid to
 ``--pictures`` (default: assets/family_NAME.png) and ends with one JSON line:
 
     {"baseline_bpd": ..., "families": {"vdvae": {"test_bpd", "test_bpd_iw", "gen_class_acc",
-     "class_consistency", "params", "train_seconds"}, "cvae": {...}, "vlae": {...}}}
+     "class_consistency", "params", "train_seconds", "perplexity"}, "cvae": {...}, ...}}
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from hps import MODELS  # noqa: E402
 from utils import UserError, run_cli  # noqa: E402
 
-KEYS = ("test_bpd", "test_bpd_iw", "gen_class_acc", "class_consistency", "params", "train_seconds")
+KEYS = ("test_bpd", "test_bpd_iw", "gen_class_acc", "class_consistency", "params", "train_seconds", "perplexity")
 
 
 def run(cmd: list[str]) -> str:
@@ -42,9 +43,9 @@ def run(cmd: list[str]) -> str:
     return proc.stdout
 
 
-def final_record(run_dir: Path) -> dict:
+def last_record(run_dir: Path, kind: str) -> dict:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return next(r for r in reversed(records) if r.get("kind") == "final")
+    return next(r for r in reversed(records) if r.get("kind") == kind)
 
 
 def measure_family(name: str, args, passed: list[str], out: Path) -> dict:
@@ -62,8 +63,10 @@ def measure_family(name: str, args, passed: list[str], out: Path) -> dict:
         run([sys.executable, str(ROOT / "sample.py"), "grid", "--weights", str(run_dir), "--n", "10", "--out",
              str(picture)])
     result = {k: quality.get(k) for k in KEYS}
-    result.update(train_seconds=final_record(run_dir)["train_seconds"], wall_seconds=round(wall, 1),
-                  baseline_bpd=quality["baseline_bpd"])
+    result.update(train_seconds=last_record(run_dir, "final")["train_seconds"], wall_seconds=round(wall, 1),
+                  baseline_bpd=quality["baseline_bpd"],
+                  # a family with a codebook logs its usage: the perplexity of the codes of the last batches
+                  perplexity=last_record(run_dir, "train").get("perplexity"))
     return result
 
 
@@ -87,9 +90,10 @@ def main(argv: list[str]) -> None:
     for name in names:
         results[name] = measure_family(name, args, passed, out)
         r = results[name]
+        usage = f", codebook perplexity {r['perplexity']:.1f}" if r["perplexity"] is not None else ""
         print(f"{name:6s} trained in {r['train_seconds']:.0f} s: test {r['test_bpd']:.4f} bits/dim, "
               f"IW {r['test_bpd_iw']:.4f}, gen. class. {r['gen_class_acc']:.3f}, consistency "
-              f"{r['class_consistency']:.3f}, {r['params']:,} parameters", flush=True)
+              f"{r['class_consistency']:.3f}, {r['params']:,} parameters{usage}", flush=True)
     baseline = next(iter(results.values()))["baseline_bpd"]
     print(f"\n| family | test bits/dim | IW bound (K={args.iw_samples}) | generative class. | class-consistency | "
           f"parameters | training s |")

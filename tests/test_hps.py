@@ -63,6 +63,9 @@ def test_every_hyperparameter_is_read(tmp_path, monkeypatch):
     train.main(tiny_cli_args(None, max_steps=1))  # the default run folder reads the preset name
     # the families' own fields: read by the vlae (the cvae's encoder and decoder, and the flow prior's MADE)
     train.main(tiny_cli_args(tmp_path / "vlae", max_steps=1, model="vlae", conv_width=8, made_hidden=16))
+    # and the vqvae's: its codebook, its prior and its second stage's budget
+    train.main(tiny_cli_args(tmp_path / "vqvae", max_steps=1, model="vqvae", conv_width=8, codebook_size=8, code_dim=4,
+                             prior_channels=8, prior_layers=2, prior_steps=1, prior_lr=1e-3, vq_downsample=1))
     unread = {f.name for f in SETTABLE} - read
     assert not unread, f"fields never read: {sorted(unread)}"
 

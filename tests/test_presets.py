@@ -25,6 +25,8 @@ TINY_AT = {  # block specs of a tiny model ending at each size
 # preset -> (writes its files under a root, tiny size, extra overrides)
 DATASETS = {
     "cifar10": (lambda root: write_cifar10(root, per_batch=8), 32, {}),
+    # at the paper's sizes (K=128, D=256): one step of each stage
+    "cifar10_vqvae": (lambda root: write_cifar10(root, per_batch=8), 32, {"max_steps": 1, "prior_steps": 1}),
     "cifar100": (write_cifar100, 32, {}),
     "svhn": (write_svhn, 32, {}),
     "mnist": (write_mnist, 32, {}),

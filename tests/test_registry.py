@@ -13,6 +13,7 @@ from cvae import CVAE, VLAE
 from models import FAMILIES, build_model, load_model
 from test_reliability import assert_same_tensors, load
 from vae import VAE
+from vqvae import VQVAE
 
 FAMILY = dict(conv_width=8, made_hidden=16)  # tiny cvae/vlae: a step in milliseconds
 
@@ -24,10 +25,12 @@ def family_args(run_dir, model: str, **overrides) -> list[str]:
 def test_the_registry_builds_the_family_the_settings_name():
     from conftest import tiny_hps
 
-    for name, cls in [("vdvae", VAE), ("cvae", CVAE), ("vlae", VLAE)]:
+    for name, cls in [("vdvae", VAE), ("cvae", CVAE), ("vlae", VLAE), ("vqvae", VQVAE)]:
         model = build_model(tiny_hps(model=name, **FAMILY))
         assert type(model) is cls and model.family == name == cls.family
-    assert set(FAMILIES) == {"vdvae", "cvae", "vlae"}
+        trained = [p for stage in model.stages for p in model.stage_parameters(stage)]  # each parameter, once
+        assert sorted(map(id, trained)) == sorted(map(id, model.parameters())), name
+    assert set(FAMILIES) == {"vdvae", "cvae", "vlae", "vqvae"}
 
 
 @pytest.mark.parametrize("model", ["cvae", "vlae"])

@@ -1,16 +1,20 @@
 """The vqvae family (vqvae.py): the gated PixelCNN's causality (no blind spot) and normalisation, nearest-code
-quantisation and where each of its losses sends gradient, the reported bound, and both training stages on real
-digits."""
+quantisation and where each of its losses sends gradient, the reported bound, both training stages on real
+digits, and both stages through the real command line: one command, bit-exact resumes wherever the run is cut,
+evaluation, sampling, and one-line errors for a stage out of order or a mode the family lacks."""
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import pytest
 import torch
 
+from conftest import run, tiny_cli_args
 from data import load_digits
 from hps import hparams_from_preset
+from test_reliability import assert_same_tensors, load
 from vqvae import STAGES, GatedPixelCNN, VectorQuantizer, VQVAE
 
 # small enough for a hundred training steps in a few seconds on a CPU
@@ -18,15 +22,15 @@ SMALL = dict(codebook_size=16, code_dim=8, prior_channels=16, prior_layers=3)
 
 
 def vq_hps(**overrides):
-    h = hparams_from_preset("digits", {"conv_width": 8, "width": 16, "num_mixtures": 3, **overrides})
+    h = hparams_from_preset("digits", {"model": "vqvae", "conv_width": 8, "width": 16, "num_mixtures": 3, **SMALL,
+                                       **overrides})
     h.image_size, h.image_channels = 8, 1
-    h.model = "vqvae"  # not (yet) in hps.MODELS: set after validation
     return h
 
 
-def build(seed: int = 0, **kwargs) -> VQVAE:
+def build(seed: int = 0, **overrides) -> VQVAE:
     torch.manual_seed(seed)
-    return VQVAE(vq_hps(), **{**SMALL, **kwargs})
+    return VQVAE(vq_hps(**overrides))
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +201,7 @@ def test_vqvae_layout_and_contract(digits):
 def test_vqvae_sizes_at_32():
     h = vq_hps()
     h.image_size = 32
-    model = VQVAE(h, **SMALL)
+    model = VQVAE(h)
     assert model.latent_shapes() == [(8, 8)]
     images = torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8)
     out = model(images, torch.tensor([1, 2]))
@@ -280,3 +284,85 @@ def test_two_stages_learn_digits(digits):
     model.eval()
     samples = model.sample(10, torch.arange(10))
     assert samples.shape == (10, 1, 8, 8)
+
+
+# ---- both stages through the real command line ------------------------------------------------------
+
+VQ_CLI = dict(model="vqvae", conv_width=8, codebook_size=16, code_dim=8, prior_channels=16, prior_layers=3)
+
+
+def vq_args(run_dir, **overrides) -> list[str]:
+    return tiny_cli_args(run_dir, **{**VQ_CLI, "max_steps": 4, "prior_steps": 4, "eval_every": 0, "log_every": 1,
+                                     **overrides})
+
+
+def test_one_command_trains_both_stages_logs_codebook_usage_evaluates_and_samples(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run("train.py", *vq_args(run_dir, save_every=3))
+    assert result.returncode == 0, result.stderr[-2000:]
+    ae, latest = load(run_dir / "autoencoder.pt"), load(run_dir / "latest.pt")
+    assert (ae["stage"], ae["step"], ae["stage_end"]) == ("autoencoder", 4, 4)
+    assert (latest["stage"], latest["step"], latest["stage_start"], latest["stage_end"]) == ("prior", 8, 4, 8)
+    # stage 2 started from stage 1's EMA weights (raw and EMA alike) and trained only the prior
+    for name, value in latest["model"].items():
+        same = torch.equal(value, ae["ema"][name])
+        assert same != name.startswith("prior."), name
+    assert len(latest["optimizer"]["state"]) == len([k for k in latest["model"] if k.startswith("prior.")])
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["kind"] == "train"]
+    assert [r["stage"] for r in train_records] == ["autoencoder"] * 4 + ["prior"] * 4
+    assert all(1.0 <= r["perplexity"] <= 16.0 and 0 <= r["dead_codes"] < 16 for r in train_records)
+    assert (run_dir / "samples.png").read_bytes()[:4] == b"\x89PNG"
+
+    evaluated = run("evaluate.py", "--weights", str(run_dir), "--out", str(tmp_path / "e.json"))
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["bpd"] == pytest.approx(report["recon_bpd"] + report["kl_bpd"])
+    assert report["bpd_iw"] == report["bpd"] and 0.0 <= report["gen_class_acc"] <= 1.0
+    for mode, extra in [("grid", ["--classes", "3,7", "--n", "4"]), ("recon", ["--n", "4"])]:
+        out = tmp_path / f"{mode}.png"
+        drawn = run("sample.py", mode, "--weights", str(run_dir), "--out", str(out), *extra)
+        assert drawn.returncode == 0, (mode, drawn.stderr[-2000:])
+        assert out.read_bytes()[:4] == b"\x89PNG"
+    for mode in ("interp", "swap", "explore"):
+        refused = run("sample.py", mode, "--weights", str(run_dir), "--out", str(tmp_path / "x.png"))
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, mode
+        assert len(refused.stderr.strip().splitlines()) == 1 and "the vqvae family does not have" in refused.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_both_stages_resume_bit_exactly_however_the_run_is_cut(tmp_path):
+    """One run of both stages == (stage 1 alone, then --stage prior) == (stage 1 alone, then --stage all) == a
+    resume from a step-N.pt in the middle of stage 2: weights, EMA, optimiser, schedule, RNG and counters."""
+    common = dict(lr_decay="cosine", warmup_iters=2, augment_shift=1, keep_every=2)
+    straight = tmp_path / "straight"
+    assert run("train.py", *vq_args(straight, **common)).returncode == 0
+    cuts = {
+        "prior_after_autoencoder": [dict(stage="autoencoder"), dict(stage="prior", restore="latest")],
+        "all_after_autoencoder": [dict(stage="autoencoder"), dict(restore="latest")],
+        "mid_prior": [dict(restore=straight / "step-00000006.pt")],
+    }
+    for name, commands in cuts.items():
+        for overrides in commands:
+            result = run("train.py", *vq_args(tmp_path / name, **common, **overrides))
+            assert result.returncode == 0, (name, result.stderr[-2000:])
+        a, b = load(straight / "latest.pt"), load(tmp_path / name / "latest.pt")
+        for key in ("model", "ema", "optimizer", "scheduler", "rng", "step", "epoch", "batch_in_epoch", "stage",
+                    "stage_start"):
+            assert_same_tensors(a[key], b[key], f"{name}: {key}")
+
+
+def test_a_stage_out_of_order_is_one_line(tmp_path):
+    run_dir = tmp_path / "run"
+    assert run("train.py", *vq_args(run_dir, stage="autoencoder", keep_every=2)).returncode == 0
+    cases = [
+        (vq_args(tmp_path / "fresh", stage="prior"), "--stage prior trains on top of a finished autoencoder stage"),
+        (vq_args(tmp_path / "x", stage="prior", restore=run_dir / "step-00000002.pt"),
+         "the autoencoder stage of"),
+        (tiny_cli_args(tmp_path / "v", stage="prior"), "--stage must be all or one of the vdvae family's stages"),
+    ]
+    for args, says in cases:
+        result = run("train.py", *args)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, says
+        assert len(result.stderr.strip().splitlines()) == 1 and says in result.stderr, result.stderr
+    assert "is unfinished (step 2 of 4)" in run("train.py", *cases[1][0]).stderr
