@@ -736,7 +736,8 @@ def train(H: Hyperparams, dist: Dist, device: torch.device, cleanup: contextlib.
     save_grid(crop_padding(images, H.pad), grid_path, nrow=10, row_labels=row_names)
     log.image("samples", crop_padding(images, H.pad), 10, state["step"])
     if Path("assets").is_dir() and not user_chose_folder:  # a default run from the repository: refresh
-        shutil.copyfile(grid_path, Path("assets") / f"{H.hps}_samples.png")  # the preset's README picture
+        shutil.copyfile(grid_path, Path("assets") / f"{H.hps}_samples.png")  # the preset's README pictures
+        shutil.copyfile(run_dir / "curves.png", Path("assets") / f"{H.hps}_curves.png")
     log.info(f"samples (a row per class, t={H.temperature}): {grid_path}")
     log.metrics("final", step=state["step"], train_seconds=round(train_seconds, 1), test_bpd=result["loss"],
                 test_recon=result["recon"], test_kl=result["kl"], skipped_updates=state["skipped"])

@@ -217,10 +217,11 @@ def test_cifar10_preset_trains_and_samples_by_class_name(tmp_path):
     assert arrays["images"].shape == (6, 32, 32, 3) and arrays["labels"].tolist() == [7, 7, 7, 0, 0, 0]
 
 
-def test_only_a_default_run_refreshes_the_readme_picture(tmp_path):
+def test_only_a_default_run_refreshes_the_readme_pictures(tmp_path):
     (tmp_path / "assets").mkdir()
-    picture = tmp_path / "assets" / "digits_samples.png"
+    pictures = [tmp_path / "assets" / "digits_samples.png", tmp_path / "assets" / "digits_curves.png"]
     assert run("train.py", *tiny_cli_args(tmp_path / "chosen", max_steps=1), cwd=tmp_path).returncode == 0
-    assert not picture.exists()
+    assert not any(p.exists() for p in pictures)
     assert run("train.py", *tiny_cli_args(None, max_steps=1), cwd=tmp_path).returncode == 0
-    assert picture.is_file() and (tmp_path / "weights" / "digits" / "latest.pt").is_file()
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in pictures)
+    assert (tmp_path / "weights" / "digits" / "latest.pt").is_file()
