@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from data import load_data_for
-from models import load_model
+from models import load_model, local_weights
 from scoring import class_conditional_bpd, evaluate_elbo, importance_weighted_bpd, kl_per_resolution
 from utils import UserError, checkpoint_script_parser, pick_device, resolve_checkpoint, run_cli
 
@@ -30,6 +30,7 @@ def evaluate_checkpoint(weights: str, split_name: str = "test", iw_samples: int 
 
     t0 = time.perf_counter()
     dev = pick_device(device)
+    weights = local_weights(weights)  # hf:ORG/NAME: the file in huggingface_hub's cache
     model, class_names = load_model(weights, dev, use_ema=use_ema, hps=hps)
     H = model.H
     data = load_data_for(H, data_root)
@@ -102,7 +103,8 @@ def main(argv: list[str]) -> None:
     result = evaluate_checkpoint(args.weights, args.split, args.iw_samples, args.n_batch, not args.no_classify,
                                  args.device, args.seed, not args.raw_weights, args.data_root, args.hps)
     print(format_table(result))
-    out = out or Path(result["checkpoint"]).parent / f"eval_{args.split}.json"
+    beside = Path(".") if args.weights.startswith("hf:") else Path(result["checkpoint"]).parent  # not in the hub cache
+    out = out or beside / f"eval_{args.split}.json"
     try:
         out.write_text(json.dumps(result, indent=1))
     except OSError as err:

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from cvae import CVAE, VLAE
-from hps import DATASET_IMAGES, FAMILY_STAGES, MODELS, Hyperparams, hparams_from_preset
+from hps import DATASET_IMAGES, FAMILY_STAGES, MODELS, PRESETS, Hyperparams, hparams_from_preset
 from utils import CHECKPOINT_FORMAT, UserError, load_checkpoint
 from vae import VAE
 from vqvae import VQVAE
@@ -49,6 +50,7 @@ def load_model(weights: str, device: torch.device, use_ema: bool = True,
                hps: str | None = None) -> tuple[nn.Module, list[str]]:
     """Build the model a checkpoint describes (ours ``.pt``, an exported ``.safetensors``, or openai/vdvae's
     ``.th`` with its preset named by ``hps``) and load its (EMA) weights; returns it with the class names."""
+    weights = local_weights(weights)  # hf:ORG/NAME: the file in huggingface_hub's cache
     if str(weights).endswith(".safetensors"):
         state, hps_dict, class_names, attribute_means, kind = load_safetensors(weights)
         if not use_ema and kind != "model":  # an export holds one set of weights: say so rather than ignore the flag
@@ -197,3 +199,115 @@ def checkpoint_from_openai(path: str | Path, preset: str, n_classes: int = 0) ->
             "hps": H.to_dict(), "class_names": class_names[:n_classes] if n_classes else [],
             "step": step_of(path), "source": str(path)}
 
+
+# ---------------------------------------------------------------------------------------------
+# Sharing: a folder a model hub takes as is (sample.py --export DIR --card), and hf:ORG/NAME weights
+# ---------------------------------------------------------------------------------------------
+
+HUB_PREFIX = "hf:"
+HUB_WEIGHTS = "model.safetensors"
+# fields that describe where and how fast a run ran, not the model or its training: left out of the command
+NOT_IN_COMMAND = {"save_dir", "restore", "device", "precision", "channels_last", "grad_checkpoint", "compile",
+                  "memory_budget", "hps", "image_size", "image_channels", "pad", "multi_label", "data_root"}
+FAMILY_TITLES = {"vdvae": "Very Deep VAE", "cvae": "conditional VAE", "vlae": "VLAE (VAE with a flow prior)",
+                 "vqvae": "VQ-VAE with a gated PixelCNN prior"}
+
+
+def local_weights(weights: str) -> str:
+    """``weights`` itself, or for ``hf:ORG/NAME[@REVISION]`` the model.safetensors of that hub repository from
+    huggingface_hub's cache (downloaded when online; with HF_HUB_OFFLINE=1 the cache alone)."""
+    if not str(weights).startswith(HUB_PREFIX):
+        return weights
+    repo, _, revision = str(weights)[len(HUB_PREFIX):].partition("@")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise UserError(f"--weights {weights} needs huggingface_hub: pip install huggingface_hub "
+                        f"(or pip install -r requirements-app.txt)") from None
+    try:
+        folder = Path(snapshot_download(repo_id=repo, revision=revision or None,
+                                        allow_patterns=[HUB_WEIGHTS, "config.json", "README.md", "*.png"]))
+    except Exception as err:  # noqa: BLE001 - offline and not cached, no such repository, a bad name: one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot get {weights} from the hub: {first}") from None
+    if not (folder / HUB_WEIGHTS).is_file():
+        raise UserError(f"{weights} holds no {HUB_WEIGHTS} (write one with sample.py --export DIR --card)")
+    return str(folder / HUB_WEIGHTS)
+
+
+def training_command(hps: dict) -> str:
+    """The train.py command line that gives these settings: the preset, then every field that differs from it."""
+    preset = hps.get("hps", "cifar10")
+    base = hparams_from_preset(preset).to_dict() if preset in PRESETS else {}
+    flags = [f"--{k} {shlex.quote(str(v))}" for k, v in hps.items()
+             if k not in NOT_IN_COMMAND and k in base and base[k] != v]
+    return " ".join(["python train.py --hps", preset, *flags])
+
+
+def export_folder(weights: str, out: Path, use_ema: bool = True, hps: str | None = None) -> dict:
+    """A folder for a model hub: ``model.safetensors`` and ``config.json`` (settings, class names, step); returns
+    the checkpoint it came from (write_model_card adds the card)."""
+    ckpt = load_any_checkpoint(weights, hps) if not str(weights).endswith(".safetensors") else None
+    if ckpt is None:
+        state, hps_dict, class_names, attribute_means, kind = load_safetensors(weights)
+        ckpt = {"ema" if kind == "ema" else "model": state, "hps": hps_dict, "class_names": class_names,
+                "attribute_means": attribute_means, "step": 0}
+        use_ema = kind == "ema"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--export {out} with --card is a folder, and a file of that name exists")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create {out}: {err.strerror}") from None
+    write_safetensors(ckpt, out / HUB_WEIGHTS, use_ema)
+    config = {"format": SAFETENSORS_FORMAT, "family": ckpt["hps"].get("model", "vdvae"), "step": ckpt["step"],
+              "weights": "ema" if use_ema else "model", "class_names": list(ckpt["class_names"]),
+              "hps": ckpt["hps"]}
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    return ckpt
+
+
+def write_model_card(out: Path, ckpt: dict, evaluations: dict[str, dict], n_params: int, samples: str | None,
+                     use_ema: bool = True) -> Path:
+    """README.md of an exported folder: what the model is, how to use it, its evaluation figures (evaluate.py's
+    eval_*.json), its samples, how it was trained, every hyperparameter, and the license."""
+    h = ckpt["hps"]
+    family = h.get("model", "vdvae")
+    names = ckpt["class_names"]
+    kind = f"class-conditional ({len(names)} classes)" if names else "unconditional"
+    lines = ["---", "license: mit", "library_name: pytorch",
+             f"tags: [{', '.join(['vae', 'image-generation', family, h.get('dataset', '')])}]", "---", "",
+             f"# {FAMILY_TITLES.get(family, family)} on {h.get('dataset')}", "",
+             f"A {kind} {FAMILY_TITLES.get(family, family)} ({n_params:,} parameters, {h.get('image_size')}x"
+             f"{h.get('image_size')} images with {h.get('pixel_levels')} levels per channel), trained for "
+             f"{ckpt['step']:,} steps; these are its {'EMA' if use_ema else 'raw'} weights. Likelihoods are in bits "
+             f"per dimension of the data's {h.get('pixel_levels')}-level space.", "",
+             "## Use", "", "```bash", "pip install -r requirements.txt   # in a clone of the code that exported it",
+             "python sample.py --weights hf:ORG/NAME --n 8 --out samples.png",
+             "python evaluate.py --weights hf:ORG/NAME", "```", ""]
+    if names:
+        lines += [f"Classes: {', '.join(map(str, names[:40]))}{' ...' if len(names) > 40 else ''}.", ""]
+    lines += ["## Evaluation", ""]
+    if evaluations:
+        lines += ["| split | bits/dim | reconstruction | KL (or prior) | IW bound | generative classification |",
+                  "|---|---|---|---|---|---|"]
+        for split, r in sorted(evaluations.items()):
+            iw = f"{r['bpd_iw']:.4f} (K={r['iw_samples']})" if r.get("iw_samples", 1) > 1 else ""
+            acc = f"{r['gen_class_acc']:.3f}" if "gen_class_acc" in r else ""
+            lines.append(f"| {split} ({r.get('n_images')} images) | {r['bpd']:.4f} | {r['recon_bpd']:.4f} | "
+                         f"{r['kl_bpd']:.4f} | {iw} | {acc} |")
+        lines += ["", "From `evaluate.py` (the eval_*.json files beside the checkpoint)."]
+    else:
+        lines.append("Not evaluated when exported: `python evaluate.py --weights hf:ORG/NAME` measures it.")
+    lines += [""]
+    if samples:
+        lines += ["## Samples", "", f"![samples]({samples})", "", "A row per class, temperature 1.", ""]
+    lines += ["## Training", "", "```bash", training_command(h), "```", "",
+              "## Hyperparameters", "", "| field | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in h.items()]
+    lines += ["", "## License", "",
+              "MIT, as the code that trained it. The training data keeps its own terms (scikit-learn's digits: "
+              "the UCI dataset, CC BY 4.0; CIFAR-10 and the others: their authors' terms).", ""]
+    path = out / "README.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -25,6 +25,7 @@ Modes (``python sample.py MODE --help`` lists each one's options):
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 
@@ -34,7 +35,9 @@ from torch import nn
 
 from data import Split, load_data_for
 from hps import PRECISIONS
-from models import export_safetensors, load_model, require_ability
+from models import (HUB_WEIGHTS, export_folder, export_safetensors, load_model, local_weights, require_ability,
+                    write_model_card)
+from vae import count_parameters
 from utils import (CliParser, UserError, add_checkpoint_flags, autocast, available_memory, crop_padding, labelled_grid,
                    pick_device, resolve_precision, run_cli, save_gif, save_grid)
 
@@ -500,7 +503,9 @@ def build_parser() -> CliParser:
         m.add_argument("--attributes", default=None, help="attribute models (celeba64): rows of attributes to set, "
                        "'Smiling,Male=0;Eyeglasses' (others at their training frequency)")
     g.add_argument("--export", default="", help="instead of sampling, write the weights (EMA unless "
-                   "--raw_weights) and settings to this .safetensors file")
+                   "--raw_weights) and settings to this .safetensors file (with --card: this folder)")
+    g.add_argument("--card", action="store_true", help="with --export DIR: a folder a model hub takes as is: "
+                   "model.safetensors, config.json, samples.png and a model card README.md")
     modes["recon"].add_argument("--k", default=None, help="comma-separated numbers of top latent groups taken "
                                 "from the posterior (default: 0, 1, 2, 4, ... and all)")
     i = modes["interp"]
@@ -519,10 +524,40 @@ def build_parser() -> CliParser:
     return p
 
 
+def export_with_card(args: argparse.Namespace) -> str:
+    """``--export DIR --card``: the weights and settings, a sample grid drawn from the exported file itself, and a
+    model card with the evaluation figures found beside the checkpoint (evaluate.py's eval_*.json)."""
+    out = Path(args.export)
+    if out.suffix == ".safetensors":
+        raise UserError(f"--export with --card names a folder, got {args.export!r}")
+    source = Path(local_weights(args.weights))
+    use_ema = not args.raw_weights
+    ckpt = export_folder(str(source), out, use_ema=use_ema, hps=args.hps)
+    evaluations = {}
+    for path in sorted((source if source.is_dir() else source.parent).glob("eval_*.json")):
+        try:
+            report = json.loads(path.read_text())
+            evaluations[report["split"]] = report
+        except (OSError, ValueError, KeyError):
+            continue  # not one of evaluate.py's reports: the card leaves it out
+    args.weights, args.raw_weights, args.hps = str(out / HUB_WEIGHTS), False, None  # the file just written
+    args.out = str(out / "samples.png")
+    session = Session(args)
+    run_grid(session)
+    card = write_model_card(out, ckpt, evaluations, count_parameters(session.model), "samples.png", use_ema)
+    return (f"wrote {out}: {HUB_WEIGHTS}, config.json, samples.png and the model card {card.name} "
+            f"({len(evaluations)} evaluation(s) found beside {source})")
+
+
 def main(argv: list[str]) -> None:
     if not argv or (argv[0] not in MODES and argv[0] not in ("-h", "--help")):
         argv = ["grid", *argv]  # no mode: today's grid command line
     args = build_parser().parse_args(argv)
+    if args.mode == "grid" and args.card:
+        if not args.export:
+            raise UserError("--card goes with --export DIR: the folder to write")
+        print(export_with_card(args))
+        return
     if args.mode == "grid" and args.export:
         if not args.export.endswith(".safetensors"):
             raise UserError(f"--export must end in .safetensors, got {args.export!r}")

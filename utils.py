@@ -79,6 +79,11 @@ class CliParser(argparse.ArgumentParser):
         raise UserError(message)
 
 
+# the digits model committed in the repository (README: which command and commit made it): sample.py and app.py
+# work right after the install, with no training
+DEFAULT_WEIGHTS = "weights/digits.safetensors"
+
+
 def checkpoint_script_parser(description: str) -> CliParser:
     """A parser with the flags every script that reads a checkpoint shares."""
     return add_checkpoint_flags(CliParser(description=description,
@@ -86,7 +91,9 @@ def checkpoint_script_parser(description: str) -> CliParser:
 
 
 def add_checkpoint_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--weights", default="weights/weights.pt", help="checkpoint file or run folder")
+    p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="a checkpoint file, a run folder, an exported "
+                   ".safetensors file, or hf:ORG/NAME on the Hugging Face hub (default: the digits model shipped in "
+                   "weights/)")
     p.add_argument("--raw_weights", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--hps", default=None, help="the preset of an openai/vdvae .th checkpoint (cifar10, imagenet32, "
                    "imagenet64, ffhq256, ffhq1024); our own checkpoints carry theirs")

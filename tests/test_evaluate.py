@@ -161,7 +161,7 @@ def assert_refused(result: subprocess.CompletedProcess, message: str) -> None:
 
 EVALUATE_BAD_INPUTS = [
     # weights: missing, damaged, foreign, not fitting what they describe
-    ([], "checkpoint weights/weights.pt does not exist"),  # the default, in a folder without it
+    ([], "weights file weights/digits.safetensors does not exist"),  # the default, in a folder without it
     (["--weights", "/nonexistent/x.safetensors"], "weights file /nonexistent/x.safetensors does not exist"),
     (["--weights", "{CORRUPT}"], "cannot read checkpoint"),
     (["--weights", "{FOREIGN}"], "is not a checkpoint of this project"),
