@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import sample
+import sampling
 from conftest import run, tiny_hps
 from data import load_digits
 from hps import hparams_from_preset
@@ -102,23 +103,23 @@ def test_one_hot_class_weights_equal_class_indices_and_a_class_changes_the_image
 def test_slerp_keeps_its_ends_and_the_norm_between_orthogonal_equal_vectors():
     a, b = torch.zeros(2, 3, 2, 2), torch.zeros(2, 3, 2, 2)
     a[:, 0, 0, 0], b[:, 1, 0, 0] = 2.0, 2.0
-    torch.testing.assert_close(sample.slerp(a, b, 0.0), a)
-    torch.testing.assert_close(sample.slerp(a, b, 1.0), b)
-    mid = sample.slerp(a, b, 0.5)
+    torch.testing.assert_close(sampling.slerp(a, b, 0.0), a)
+    torch.testing.assert_close(sampling.slerp(a, b, 1.0), b)
+    mid = sampling.slerp(a, b, 0.5)
     torch.testing.assert_close(mid.flatten(1).norm(dim=1), torch.full((2,), 2.0))
-    torch.testing.assert_close(sample.slerp(a, a, 0.3), a)  # parallel ends: no division by zero
+    torch.testing.assert_close(sampling.slerp(a, a, 0.3), a)  # parallel ends: no division by zero
 
 
 def test_temperature_per_resolution_expands_to_the_groups():
     model = VAE(tiny_hps())  # latent groups at resolutions 1, 4, 4, 8, 8
-    assert sample.parse_temperature("4:0.5,8:0.25", model) == [1.0, 0.5, 0.5, 0.25, 0.25]
-    assert sample.parse_temperature("0.7", model) == 0.7
+    assert sampling.parse_temperature("4:0.5,8:0.25", model) == [1.0, 0.5, 0.5, 0.25, 0.25]
+    assert sampling.parse_temperature("0.7", model) == 0.7
 
 
 def test_swap_and_explore_reuse_the_noise_they_hold_fixed(trained_run):
     run_dir, _ = trained_run
-    args = sample.build_parser().parse_args(["swap", "--weights", str(run_dir)])
-    session = sample.Session(args)
+    args = sampling.build_parser().parse_args(["swap", "--weights", str(run_dir)])
+    session = sampling.Session(args)
     noise = session.prior_noise(2, seed=3)
     same = [session.decode(noise, session.labels(c, 2)) for c in (4, 4)]
     assert torch.equal(same[0], same[1])  # decoding is repeatable: differences below come from the class
