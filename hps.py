@@ -118,6 +118,7 @@ class Hyperparams:
     skip_limit: int = _f(100, "stop the run, saving the last good weights, after this many updates in a row are "
                          "skipped (0: never stop)")
     log_every: int = _f(100, "write metrics every this many steps")
+    curves: bool = _f(True, "redraw RUN/curves.png (matplotlib, about 0.2 s) at every evaluation")
     tensorboard: bool = _f(False, "also log the scalars, and a sample grid at each evaluation, to TensorBoard in "
                            "RUN/tensorboard (needs the tensorboard package)")
     temperature: float = _f(1.0, "prior temperature of the sample grid drawn at the end of training")

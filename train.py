@@ -575,7 +575,8 @@ def train(H: Hyperparams, dist: Dist, device: torch.device, cleanup: contextlib.
         log.info(f"step {state['step']} | {split_name} bits/dim (EMA) {result['loss']:.4f} "
                  f"= recon {result['recon']:.4f} + kl {result['kl']:.4f}{nats}{extras}")
         log.metrics("eval", step=state["step"], split=split_name, stage=trainer.stage, **result)
-        log.curves()  # curves.png: the run so far, at every evaluation
+        if H.curves:
+            log.curves()  # curves.png: the run so far, at every evaluation
         if log.wants_images and split_name == "valid" and trainer.stage == stages[-1]:  # TensorBoard: a grid too
             with autocast(device, trainer.amp_dtype):
                 log.image("samples", crop_padding(sample_grid(trainer.ema, grid_rows(H, data)[0], 10, H.temperature,
@@ -737,7 +738,8 @@ def train(H: Hyperparams, dist: Dist, device: torch.device, cleanup: contextlib.
     log.image("samples", crop_padding(images, H.pad), 10, state["step"])
     if Path("assets").is_dir() and not user_chose_folder:  # a default run from the repository: refresh
         shutil.copyfile(grid_path, Path("assets") / f"{H.hps}_samples.png")  # the preset's README pictures
-        shutil.copyfile(run_dir / "curves.png", Path("assets") / f"{H.hps}_curves.png")
+        if H.curves:
+            shutil.copyfile(run_dir / "curves.png", Path("assets") / f"{H.hps}_curves.png")
     log.info(f"samples (a row per class, t={H.temperature}): {grid_path}")
     log.metrics("final", step=state["step"], train_seconds=round(train_seconds, 1), test_bpd=result["loss"],
                 test_recon=result["recon"], test_kl=result["kl"], skipped_updates=state["skipped"])

@@ -30,8 +30,10 @@ def tiny_hps(**overrides):
 
 def tiny_cli_args(save_dir, **overrides) -> list[str]:
     """train.py arguments for a tiny digits run that finishes in seconds (save_dir None: the default)."""
+    # curves.png costs about 0.7 s a run (matplotlib's import and two drawings): drawn where a test asks for it
     values = {**TINY, "max_steps": 6, "eval_every": 3, "save_every": 3, "log_every": 2, "n_batch": 16,
-              "n_batch_eval": 180, **({} if save_dir is None else {"save_dir": str(save_dir)}), **overrides}
+              "n_batch_eval": 180, "curves": "false", **({} if save_dir is None else {"save_dir": str(save_dir)}),
+              **overrides}
     args = ["--hps", "digits"]
     for key, value in values.items():
         args += [f"--{key}", str(value)]
@@ -53,7 +55,7 @@ def tiny():
 def trained_run(tmp_path_factory):
     """A tiny digits model trained for 6 steps through the real command line: (run folder, the run's result)."""
     run_dir = tmp_path_factory.mktemp("run") / "digits"
-    result = run("train.py", *tiny_cli_args(run_dir))
+    result = run("train.py", *tiny_cli_args(run_dir, curves="true"))
     assert result.returncode == 0, result.stderr[-2000:]
     return run_dir, result
 
