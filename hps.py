@@ -309,8 +309,10 @@ def hparams_from_preset(name: str, overrides: dict[str, Any] | None = None) -> H
 
 def parse_args(argv: list[str] | None, description: str) -> tuple[Hyperparams, argparse.Namespace]:
     """Parse ``--hps`` and field overrides; returns the hyperparameters and the namespace (for extras)."""
-    parser = build_parser(description, extra={"debug": dict(action="store_true",
-                                                            help="show full tracebacks on errors")})
+    parser = build_parser(description, extra={
+        "debug": dict(action="store_true", help="show full tracebacks on errors"),
+        "summary": dict(action="store_true", help="print the model's modules with their output shapes, resolutions "
+                        "and parameters, its latent groups and totals, then exit (no data, optimiser or run folder)")})
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         raise UserError(_unknown_field_message(unknown))

@@ -311,3 +311,88 @@ def write_model_card(out: Path, ckpt: dict, evaluations: dict[str, dict], n_para
     path = out / "README.md"
     path.write_text("\n".join(lines))
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# A model summary (train.py --summary, sample.py --summary)
+# ---------------------------------------------------------------------------------------------
+
+
+def summary_rows(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules a summary lists, in definition order: each child of the model's parts (encoder, decoder, ...),
+    with the items of a ModuleList or Sequential listed one by one (a VDVAE's blocks, each at its resolution)."""
+    rows = []
+    for part_name, part in model.named_children():
+        children = list(part.named_children()) or [("", part)]
+        for child_name, child in children:
+            name = f"{part_name}.{child_name}" if child_name else part_name
+            if isinstance(child, (nn.ModuleList, nn.Sequential)):
+                rows += [(f"{name}.{i}", item) for i, item in child.named_children()]
+            else:
+                rows.append((name, child))
+    return rows
+
+
+def _first_shape(output) -> tuple[int, ...] | None:
+    if isinstance(output, torch.Tensor):
+        return tuple(output.shape)
+    items = output.values() if isinstance(output, dict) else output if isinstance(output, (list, tuple)) else []
+    for item in items:
+        shape = _first_shape(item)
+        if shape is not None:
+            return shape
+    return None
+
+
+def model_summary(H: Hyperparams) -> str:
+    """A table of the model ``H`` describes: each listed module's output shape (of one training forward pass of one
+    image, on the meta device: no memory and no arithmetic, whatever the model's size), its resolution and its
+    parameters; the latent groups; the totals. Builds no optimiser and writes nothing."""
+    from vae import count_parameters
+
+    with torch.device("meta"):
+        model = build_model(H).train()
+    rows = summary_rows(model)
+    shapes: dict[str, tuple[int, ...] | None] = {}
+
+    def recorder(name: str):
+        def hook(module, inputs, output) -> None:  # returns None: the output goes on unchanged
+            shapes.setdefault(name, _first_shape(output))
+        return hook
+    hooks = [module.register_forward_hook(recorder(name)) for name, module in rows]
+    meta = torch.device("meta")
+    images = torch.zeros((1, H.image_channels, H.image_size, H.image_size), dtype=torch.uint8, device=meta)
+    labels = None
+    if H.n_classes > 0:
+        labels = (torch.zeros(1, H.n_classes, device=meta) if H.multi_label else
+                  torch.zeros(1, dtype=torch.long, device=meta))
+    try:
+        model(images, labels)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    total = count_parameters(model)
+    own = "(held by the parts themselves)"
+    width = max(len(own), *(len(name) for name, _ in rows)) + 2
+    lines = [f"{H.model} model of --hps {H.hps} ({H.image_channels}x{H.image_size}x{H.image_size} images, "
+             f"{H.n_classes} classes)", "",
+             f"{'module':<{width}}{'output shape (one image)':<28}{'res':>5}{'parameters':>14}"]
+    listed = 0
+    for name, module in rows:
+        shape = shapes.get(name)
+        n = sum(p.numel() for p in module.parameters())
+        listed += n
+        res = str(shape[-1]) if shape is not None and len(shape) == 4 and shape[-1] == shape[-2] else ""
+        lines.append(f"{name:<{width}}{str(shape) if shape is not None else '(not run)':<28}{res:>5}{n:>14,}")
+    if total != listed:  # parameters held directly by a part (a VDVAE decoder's initial states, its class embedding)
+        lines.append(f"{own:<{width}}{'':<28}{'':>5}{total - listed:>14,}")
+    groups: list[tuple[tuple[int, ...], int]] = []
+    for shape in model.latent_shapes():
+        if groups and groups[-1][0] == tuple(shape):
+            groups[-1] = (tuple(shape), groups[-1][1] + 1)
+        else:
+            groups.append((tuple(shape), 1))
+    lines += ["", f"latent groups: {model.n_groups} ("
+              + ", ".join(f"{count} x {shape}" for shape, count in groups) + "), top first",
+              f"total parameters: {total:,}"]
+    return "\n".join(lines)

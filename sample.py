@@ -28,7 +28,10 @@ import argparse
 import json
 from pathlib import Path
 
-from models import HUB_WEIGHTS, export_folder, export_safetensors, local_weights, write_model_card
+import torch
+
+from models import (HUB_WEIGHTS, export_folder, export_safetensors, load_model, local_weights, model_summary,
+                    write_model_card)
 from sampling import MODES, RUNNERS, Session, build_parser, run_grid
 from utils import UserError, run_cli
 from vae import count_parameters
@@ -63,6 +66,9 @@ def main(argv: list[str]) -> None:
     if not argv or (argv[0] not in MODES and argv[0] not in ("-h", "--help")):
         argv = ["grid", *argv]  # no mode: today's grid command line
     args = build_parser(__doc__).parse_args(argv)
+    if args.mode == "grid" and args.summary:
+        print(model_summary(load_model(args.weights, torch.device("cpu"), not args.raw_weights, args.hps)[0].H))
+        return
     if args.mode == "grid" and args.card:
         if not args.export:
             raise UserError("--card goes with --export DIR: the folder to write")

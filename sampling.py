@@ -489,6 +489,8 @@ def build_parser(description: str | None = None) -> CliParser:
     for m in (g, modes["explore"], modes["interp"]):
         m.add_argument("--attributes", default=None, help="attribute models (celeba64): rows of attributes to set, "
                        "'Smiling,Male=0;Eyeglasses' (others at their training frequency)")
+    g.add_argument("--summary", action="store_true", help="print the model's modules with their output shapes, "
+                   "resolutions and parameters, its latent groups and totals, and exit")
     g.add_argument("--export", default="", help="instead of sampling, write the weights (EMA unless "
                    "--raw_weights) and settings to this .safetensors file (with --card: this folder)")
     g.add_argument("--card", action="store_true", help="with --export DIR: a folder a model hub takes as is: "

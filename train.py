@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from data import DATASET_PADDING, Data, Split, binarize, epoch_batches, load_data_for, random_shift
-from hps import FAMILY_STAGES, Hyperparams, parse_args
+from hps import DATASET_IMAGES, FAMILY_STAGES, Hyperparams, parse_args
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from utils import (CHECKPOINT_FORMAT, Dist, NullLogger, RunFolderLock, RunLogger, UserError, atomic_torch_save,
@@ -34,7 +34,7 @@ from utils import (CHECKPOINT_FORMAT, Dist, NullLogger, RunFolderLock, RunLogger
                    resolve_channels_last, resolve_precision, run_cli, save_grid, saved_device_rng_state, seeded,
                    set_device_rng_state, tensorboard_writer)
 from speed import choose_speed_settings
-from models import build_model, checkpoint_from_openai, is_openai_checkpoint
+from models import build_model, checkpoint_from_openai, is_openai_checkpoint, model_summary
 from scoring import evaluate_elbo, kl_per_resolution
 from vae import count_parameters
 from vae_helpers import parse_layer_string
@@ -486,8 +486,26 @@ class StopSignal:
             signal.signal(s, handler)
 
 
+def hparams_without_data(H: Hyperparams) -> Hyperparams:
+    """``H`` with the fields the data decides filled from the dataset's known image size and padding, for
+    ``--summary``, which reads no data."""
+    h = copy.deepcopy(H)
+    h.image_size, h.image_channels = DATASET_IMAGES[h.dataset]
+    h.pad = DATASET_PADDING.get(h.dataset, 0)
+    h.multi_label = h.dataset == "celeba64"  # its 40 binary attributes
+    if h.n_classes == -1:
+        raise UserError(f"--summary of --hps {h.hps} needs the class count of its data: give --n_classes")
+    top_res = max(r for r, _ in parse_layer_string(h.dec_blocks))
+    if h.model == "vdvae" and top_res != h.image_size:
+        raise UserError(f"--dec_blocks must end at the image size {h.image_size}, ends at {top_res}")
+    return h
+
+
 def main(argv: list[str]) -> None:
-    H, _ = parse_args(argv, __doc__)
+    H, args = parse_args(argv, __doc__)
+    if getattr(args, "summary", False):  # (fields default to SUPPRESS) the model's table, and nothing else: no data, processes, optimiser or run folder
+        print(model_summary(hparams_without_data(H)))
+        return
     dist, device = init_distributed(H.device)  # torchrun: one process per device; else one process
     completed = False
     try:
