@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hps import MODELS  # noqa: E402
-from utils import UserError, run_cli  # noqa: E402
+from utils import UserError, read_metrics, run_cli  # noqa: E402
 
 KEYS = ("test_bpd", "test_bpd_iw", "gen_class_acc", "class_consistency", "params", "train_seconds", "perplexity")
 
@@ -44,8 +44,7 @@ def run(cmd: list[str]) -> str:
 
 
 def last_record(run_dir: Path, kind: str) -> dict:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return next(r for r in reversed(records) if r.get("kind") == kind)
+    return next(r for r in reversed(read_metrics(run_dir)) if r.get("kind") == kind)
 
 
 def measure_family(name: str, args, passed: list[str], out: Path) -> dict:

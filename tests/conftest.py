@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,13 @@ def tiny_cli_args(save_dir, **overrides) -> list[str]:
     for key, value in values.items():
         args += [f"--{key}", str(value)]
     return args
+
+
+def free_port() -> int:
+    """A localhost TCP port nobody listens on (for a process group's rendezvous, or app.py)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run(script: str, *args: str, cwd=None) -> subprocess.CompletedProcess:

@@ -15,16 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, run
+from conftest import ROOT, free_port, run
 
 pytest.importorskip("gradio")
 pytest.importorskip("gradio_client")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from conftest import ROOT, tiny_cli_args, tiny_hps
+from conftest import ROOT, free_port, tiny_cli_args, tiny_hps
 from train import Trainer
 from utils import Dist
 
@@ -135,14 +134,8 @@ def _count_gradient_syncs(rank: int, world: int, port: int, out_dir: str) -> Non
     torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_accumulation_syncs_gradients_once_per_update(tmp_path):
-    mp.spawn(_count_gradient_syncs, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    mp.spawn(_count_gradient_syncs, args=(2, free_port(), str(tmp_path)), nprocs=2)
     for rank in range(2):
         single, accumulated = map(int, (tmp_path / f"rank{rank}").read_text().split())
         # the inner passes run under no_sync: as many bucket all-reduces as a single pass, not three times as many
@@ -196,7 +189,7 @@ def test_a_torchrun_worker_ends_with_its_status_and_without_finalizing(tmp_path)
     for how, status in [("ok", 0), ("user_error", 2), ("signal", 143)]:
         marker = tmp_path / f"finalized-{how}-rank"
         env = dict(os.environ, OMP_NUM_THREADS="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(_free_port()), MARKER=str(marker))
+                   MASTER_PORT=str(free_port()), MARKER=str(marker))
         procs = [subprocess.Popen([sys.executable, str(script), how], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
         for rank, p in enumerate(procs):
@@ -229,7 +222,7 @@ def _vote_steps(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_a_signal_to_one_rank_stops_every_rank_at_the_next_step(tmp_path):
-    mp.spawn(_vote_steps, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    mp.spawn(_vote_steps, args=(2, free_port(), str(tmp_path)), nprocs=2)
     assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == ["4", "4"]
 
 
@@ -306,7 +299,7 @@ def _load_data_in_turn(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_the_first_process_of_a_node_loads_the_data_before_the_others(tmp_path):
-    mp.spawn(_load_data_in_turn, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    mp.spawn(_load_data_in_turn, args=(2, free_port(), str(tmp_path)), nprocs=2)
     (start0, end0), (start1, _) = [map(float, (tmp_path / f"rank{r}").read_text().split()) for r in range(2)]
     assert start1 >= end0  # rank 1 read only after rank 0 had finished writing
 
