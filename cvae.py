@@ -145,7 +145,7 @@ class CVAE(SingleStage, nn.Module):
         self.encoder = ConvEncoder(H)
         self.decoder = ConvDecoder(H)
         self.noise_shard: tuple[int | torch.Tensor, int] = (0, 1)
-        if H.zdim == 2:  # a 2-D latent can be shown as a manifold of decoded images
+        if H.zdim == 2:  # a 2-D latent can be shown as a manifold of decoded images, and its posterior means plotted
             self.abilities = type(self).abilities | {"manifold"}
 
     # ---- the latent layout (the same methods on every family) ---------------------------------
@@ -288,6 +288,12 @@ class CVAE(SingleStage, nn.Module):
             return [torch.randn((len(images), self.zdim), device=self.decoder.fc[0].weight.device)]
         mu, _, y, _ = self._posterior(images, labels)
         return [self.noise_of_latent(mu, y)]
+
+    @torch.no_grad()
+    def posterior_mean(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The mean of q(z | x, y) for uint8 ``images``, (B, zdim) float32: where the encoder places each image in
+        the latent space (train.py --track_latents draws these for a 2-D latent)."""
+        return self._posterior(images, labels)[0]
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, labels: torch.Tensor | None = None, n_posterior: int | None = None,

@@ -121,6 +121,9 @@ class Hyperparams:
     curves: bool = _f(True, "redraw RUN/curves.png (matplotlib, about 0.2 s) at every evaluation")
     tensorboard: bool = _f(False, "also log the scalars, and a sample grid at each evaluation, to TensorBoard in "
                            "RUN/tensorboard (needs the tensorboard package)")
+    track_latents: int = _f(0, "at every evaluation record the posterior means of this many fixed test images "
+                            "(a cvae or vlae with --zdim 2) in metrics.jsonl and draw them as RUN/latents.gif, a "
+                            "scatter per evaluation coloured by class (0: off)")
     temperature: float = _f(1.0, "prior temperature of the sample grid drawn at the end of training")
     # derived at start-up from the data (not settable)
     hps: str = _f("cifar10", "preset these settings started from", derived=True)
@@ -354,7 +357,7 @@ def validate(h: Hyperparams) -> None:
         raise UserError(f"--prior_dropout must be in [0, 1), got {h.prior_dropout}")
     for name in ["max_steps", "prior_steps", "prior_lr", "commitment_beta", "vq_downsample", "eval_every",
                  "warmup_iters", "wd", "augment_shift", "grad_clip", "memory_budget",
-                 "keep_every", "keep_last", "skip_limit"]:
+                 "keep_every", "keep_last", "skip_limit", "track_latents"]:
         if getattr(h, name) < 0:
             raise UserError(f"--{name} must be >= 0, got {getattr(h, name)}")
     if not 0.0 <= h.ema_rate < 1.0:

@@ -46,6 +46,18 @@ def require_ability(model: nn.Module, ability: str, what: str) -> None:
         raise UserError(f"{what} needs {ABILITY_NAMES[ability]}, which the {model.family} family does not have")
 
 
+def require_2d_latent(model: nn.Module, what: str, source: str) -> None:
+    """A one-line error when ``what`` (sample.py manifold, train.py --track_latents) meets a model without a
+    2-dimensional latent; ``source`` names the weights or the settings in the message."""
+    if "manifold" in model.abilities:
+        return
+    shapes = model.latent_shapes()
+    has = (f"its latent has {shapes[0][0]} dimensions" if len(shapes) == 1 and len(shapes[0]) == 1 else
+           f"it has {len(shapes)} latent groups of shapes {', '.join('x'.join(map(str, t)) for t in shapes)}")
+    raise UserError(f"{what} needs a 2-dimensional latent (a cvae or vlae with --zdim 2); {source} is a "
+                    f"{model.family} model and {has}")
+
+
 def load_model(weights: str, device: torch.device, use_ema: bool = True,
                hps: str | None = None) -> tuple[nn.Module, list[str]]:
     """Build the model a checkpoint describes (ours ``.pt``, an exported ``.safetensors``, or openai/vdvae's

@@ -6,6 +6,8 @@
     python sample.py interp  --weights weights/digits --classes 3,8 --out morph.png
     python sample.py explore --weights weights/digits --class 7 --out explore.png
     python sample.py swap    --weights weights/digits --n 6 --out swap.png
+    python sample.py manifold --weights runs/digits-cvae-z2 --class 3 --n 20 --out manifold.png
+    python sample.py grid    --weights weights/digits --n 100 --outdir samples/   # samples/CLASS/00001.png ...
     python sample.py --weights weights/digits --export digits.safetensors
 
 Modes (``python sample.py MODE --help`` lists each one's options):
@@ -17,10 +19,14 @@ Modes (``python sample.py MODE --help`` lists each one's options):
   explore  one latent group's noise varied while every other group's stays fixed, for each group in turn
   swap     held-out images encoded under their own class and decoded under every class (class-conditional
            style transfer): rows are inputs, columns are target classes
+  manifold a cvae's or vlae's 2-D latent (--zdim 2) decoded on an n x n grid at evenly spaced quantiles of the
+           prior, one picture per class (OUT_CLASS.png) or the one --class
 
 ``--weights`` is a checkpoint file, a run folder (its latest checkpoint) or an exported ``.safetensors`` file.
 ``--temperature`` is one value, one per latent group (comma-separated), or ``RES:T`` pairs per resolution
 (``1:1.0,4:0.8,8:0.6``; resolutions left out stay at 1.0). The same ``--seed`` gives the same pictures.
+``grid`` and ``recon`` with ``--outdir DIR`` write every image as its own PNG, DIR/CLASS/00001.png, and
+DIR/manifest.csv (file, class, seed, ...) instead of one picture: what FID tools and other pipelines read.
 """
 from __future__ import annotations
 

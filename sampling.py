@@ -15,11 +15,12 @@ from torch import nn
 
 from data import Split, load_data_for
 from hps import PRECISIONS
-from models import load_model, require_ability
-from utils import (CliParser, UserError, add_checkpoint_flags, autocast, available_memory, crop_padding, labelled_grid,
-                   pick_device, resolve_precision, save_gif, save_grid)
+from models import load_model, require_2d_latent, require_ability
+from utils import (CliParser, UserError, add_checkpoint_flags, autocast, available_memory, check_empty_folder,
+                   crop_padding, folder_name, labelled_grid, pick_device, resolve_precision, save_gif, save_grid,
+                   save_image_folder)
 
-MODES = ("grid", "recon", "interp", "explore", "swap")
+MODES = ("grid", "recon", "interp", "explore", "swap", "manifold")
 
 
 def parse_classes(text: str, class_names: list[str]) -> list[int]:
@@ -275,7 +276,9 @@ class Session:
 def run_grid(s: Session) -> str:
     args = s.args
     out = Path(args.out)
-    if out.suffix not in (".png", ".npz"):
+    if args.outdir:
+        check_empty_folder(args.outdir, "--outdir")
+    elif out.suffix not in (".png", ".npz"):
         raise UserError(f"--out must end in .png or .npz, got {args.out!r}")
     if s.multi_label:
         if args.classes:
@@ -295,9 +298,18 @@ def run_grid(s: Session) -> str:
         n = args.n_per_class or s.n(100)
         labels, nrow, row_labels = None, int(np.ceil(np.sqrt(n))), None
     side = s.H.image_size - 2 * s.H.pad  # what is written: MNIST's 28x28 without the padding
-    check_output_size(n, nrow, (s.H.image_channels, side, side), out.suffix)
+    check_output_size(n, nrow, (s.H.image_channels, side, side), "" if args.outdir else out.suffix)  # no picture
     torch.manual_seed(args.seed)
     images = sample_batched(s.model, n, labels, s.temperature, args.n_batch, s.amp_dtype)
+    if args.outdir:  # one PNG per sample, in a folder per class, for FID tools and other pipelines
+        names = (row_labels if s.conditional else ["all"])  # a conditional model's row names: its classes
+        folders = [folder_name(names[i // nrow]) for i in range(n)] if s.conditional else ["all"] * n
+        records = [{"class": names[i // nrow] if s.conditional else "",
+                    "label": (classes[i // nrow] if s.conditional and not s.multi_label else ""),
+                    "index": i, "seed": args.seed, "temperature": args.temperature} for i in range(n)]
+        manifest = save_image_folder(s.visible(images), folders, args.outdir, records)
+        return f"wrote {n} samples as PNG files under {args.outdir} ({len(set(folders))} folder(s)), listed in " \
+               f"{manifest}"
     if out.suffix == ".npz":
         label_array = labels.cpu().numpy() if labels is not None else np.full(n, -1)
         try:
@@ -323,6 +335,8 @@ def default_ks(n_groups: int) -> list[int]:
 
 def run_recon(s: Session) -> str:
     args = s.args
+    if args.outdir:
+        return recon_to_folder(s)
     ks = parse_ints(args.k, "--k", 0, s.n_groups) if args.k else default_ks(s.n_groups)
     indices = parse_ints(args.images, "--images", 0, 10**9) if args.images else None
     images, labels, indices = s.pick(s.held_out(), indices, s.n(8))
@@ -337,6 +351,89 @@ def run_recon(s: Session) -> str:
     out = s.write(grid, len(columns), row_labels=rows, col_labels=["input"] + [f"k={k}" for k in ks])
     return f"wrote reconstructions of {len(images)} {args.split} images from the top k of {s.n_groups} groups " \
            f"(k = {', '.join(map(str, ks))}) to {out}"
+
+
+def recon_to_folder(s: Session) -> str:
+    """recon --outdir: each held-out image's reconstruction from the top k groups (default: all of them, the full
+    posterior) as its own PNG in a folder per class, with a manifest naming the source image, k and the seed."""
+    args = s.args
+    check_empty_folder(args.outdir, "--outdir")
+    ks = parse_ints(args.k, "--k", 0, s.n_groups) if args.k else [s.n_groups]
+    if len(ks) != 1:
+        raise UserError(f"recon --outdir writes one reconstruction per image: give one --k, got {args.k!r}")
+    indices = parse_ints(args.images, "--images", 0, 10**9) if args.images else None
+    images, labels, indices = s.pick(s.held_out(), indices, s.n(8))
+    torch.manual_seed(args.seed)
+    with autocast(s.device, s.amp_dtype):
+        recon = s.model.reconstruct(images, labels if s.conditional else None, n_posterior=ks[0],
+                                    temperature=s.temperature).cpu()
+    names = [s.label_name(c) for c in labels.tolist()] if s.conditional else ["all"] * len(images)
+    records = [{"class": name if s.conditional else "", "label": int(c) if s.conditional and not s.multi_label
+                else "", "split": args.split, "image": i, "k": ks[0], "seed": args.seed}
+               for name, c, i in zip(names, labels.tolist(), indices)]
+    manifest = save_image_folder(s.visible(recon), [folder_name(n) for n in names], args.outdir, records)
+    return f"wrote reconstructions of {len(images)} {args.split} images (top {ks[0]} of {s.n_groups} groups) as PNG " \
+           f"files under {args.outdir}, listed in {manifest}"
+
+
+def manifold_noise(n: int) -> torch.Tensor:
+    """(n * n, 2) standard-normal noise on an n x n grid at evenly spaced quantiles of the prior: each coordinate
+    takes the values Phi^-1((i + 1/2) / n), i = 0..n-1 (Phi the normal CDF), so every cell stands for an equal
+    share of the prior's mass and the corners are its extreme quantiles 1/(2n) and 1 - 1/(2n), not a fixed
+    range. Rows run from the top of the picture down with the second coordinate decreasing, columns left to right
+    with the first increasing, as on a plot's axes."""
+    q = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    values = torch.special.ndtri(q)
+    first = values.repeat(n)  # varies along a row
+    second = values.flip(0).repeat_interleave(n)  # constant along a row, decreasing down the picture
+    return torch.stack([first, second], dim=1).float()
+
+
+def mean_decoding(s: Session, noise: list[torch.Tensor], labels: torch.Tensor | None, draws: int) -> torch.Tensor:
+    """uint8 images: the mean of ``draws`` pixel draws from the decoder's distribution for each latent, an estimate
+    (unbiased up to the rounding to uint8) of its expected image, which is what the classic manifold pictures show
+    (the Bernoulli means), for every likelihood alike. Each draw uses one set of pixel uniforms for every image (seeded from --seed), so what
+    noise is left varies smoothly across the grid."""
+    total = torch.zeros(())
+    for i in range(draws):
+        torch.manual_seed(s.args.seed + i)
+        with autocast(s.device, s.amp_dtype):
+            total = total + s.model.sample(len(noise[0]), labels, s.temperature, noises=noise,
+                                           shared_pixel_noise=True).cpu().float()
+    return (total / draws).round().to(torch.uint8)
+
+
+def run_manifold(s: Session) -> str:
+    """The learned 2-D manifold (Kingma and Welling 2014, Sohn et al. 2015): decodings of an n x n grid of latents at
+    the prior's quantiles, one picture per class (or the one ``--class``), each cell the decoder's mean image. For
+    the vlae the grid is laid in the flow's standard-normal noise and mapped through it, so it covers the quantiles
+    of its base distribution. ``--temperature`` t scales the grid to the quantiles of N(0, t^2)."""
+    args = s.args
+    require_2d_latent(s.model, "sample.py manifold", args.weights)
+    out = Path(args.out)
+    if out.suffix != ".png":
+        raise UserError(f"--out must end in .png for manifold, got {args.out!r}")
+    n = s.n(20)
+    side = s.H.image_size - 2 * s.H.pad
+    check_output_size(n * n, n, (s.H.image_channels, side, side), ".png")
+    given = args.__dict__.get("class")
+    if s.conditional and not s.multi_label and not given:  # one picture per class
+        targets = [(c, out.with_name(f"{out.stem}_{folder_name(s.name(c))}{out.suffix}"))
+                   for c in range(s.H.n_classes)]
+    else:
+        targets = [(s.one_class(given), out)]
+    if args.draws <= 0:
+        raise UserError(f"--draws must be > 0, got {args.draws}")
+    noise = [manifold_noise(n).to(s.device)]
+    values = [f"{v:.1f}" for v in noise[0][:n, 0].tolist()]
+    written = []
+    for cls, path in targets:
+        images = mean_decoding(s, noise, s.labels(cls, n * n), args.draws)
+        s.args.out = str(path)
+        written.append(s.write(images, n, row_labels=values[::-1], col_labels=values))
+    s.args.out = str(out)
+    what = f"{len(written)} pictures, one per class" if len(written) > 1 else "1 picture"
+    return f"wrote the {n}x{n} latent manifold ({what}): {', '.join(map(str, written))}"
 
 
 def run_interp(s: Session) -> str:
@@ -449,7 +546,8 @@ def run_swap(s: Session) -> str:
            f"from the image) to {out}"
 
 
-RUNNERS = {"grid": run_grid, "recon": run_recon, "interp": run_interp, "explore": run_explore, "swap": run_swap}
+RUNNERS = {"grid": run_grid, "recon": run_recon, "interp": run_interp, "explore": run_explore, "swap": run_swap,
+           "manifold": run_manifold}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,10 +560,11 @@ def build_parser(description: str | None = None) -> CliParser:
     p = CliParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="mode", metavar="MODE")
     default_out = {"grid": "samples.png", "recon": "recon.png", "interp": "interp.png", "explore": "explore.png",
-                   "swap": "swap.png"}
+                   "swap": "swap.png", "manifold": "manifold.png"}
     helps = {"grid": "samples from the prior, a row per class", "recon": "reconstructions from the top k groups",
              "interp": "interpolations as a PNG strip and a GIF", "explore": "vary one latent group at a time",
-             "swap": "decode held-out images under every class"}
+             "swap": "decode held-out images under every class",
+             "manifold": "decode a grid of a 2-D latent at the prior's quantiles"}
     modes = {}
     for mode in MODES:
         m = add_checkpoint_flags(sub.add_parser(mode, help=helps[mode], description=helps[mode]))
@@ -482,6 +581,10 @@ def build_parser(description: str | None = None) -> CliParser:
             m.add_argument("--data_root", default=None, help="dataset folder (default: the checkpoint's)")
             m.add_argument("--images", default=None, help="comma-separated indices into the split (default: "
                            "drawn with --seed)")
+        if mode in ("grid", "recon"):
+            m.add_argument("--outdir", default=None, help="instead of one picture, write every image as its own PNG "
+                           "(OUTDIR/CLASS/00001.png, native size) with OUTDIR/manifest.csv of class and seed; the "
+                           "folder must be new or empty")
         modes[mode] = m
     g = modes["grid"]
     g.add_argument("--classes", default="", help="comma-separated class names or indices (default: all)")
@@ -506,6 +609,10 @@ def build_parser(description: str | None = None) -> CliParser:
     e = modes["explore"]
     e.add_argument("--class", default=None, help="class to explore (default: the first)")
     e.add_argument("--groups", default=None, help="comma-separated latent groups, 0 at the top (default: all)")
+    f = modes["manifold"]
+    f.add_argument("--class", default=None, help="one class (default: a picture per class, named OUT_CLASS.png)")
+    f.add_argument("--draws", type=int, default=16, help="pixel draws averaged per cell: the decoder's mean image "
+                   "(1: a single draw)")
     w = modes["swap"]
     w.add_argument("--classes", default=None, help="target classes (default: all)")
     w.add_argument("--k", default=None, help="top latent groups taken from the image (default: all); the rest are "

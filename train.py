@@ -28,13 +28,13 @@ from data import DATASET_PADDING, Data, Split, binarize, epoch_batches, load_dat
 from hps import DATASET_IMAGES, FAMILY_STAGES, Hyperparams, parse_args
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from utils import (CHECKPOINT_FORMAT, Dist, NullLogger, RunFolderLock, RunLogger, UserError, atomic_torch_save,
-                   autocast, crop_padding, device_rng_state, end_distributed, init_distributed, keep_copy,
-                   keep_stage_copy, load_checkpoint, load_newest_checkpoint, remove_stale_temporaries,
-                   resolve_channels_last, resolve_precision, run_cli, save_grid, saved_device_rng_state, seeded,
-                   set_device_rng_state, tensorboard_writer)
+from utils import (CHECKPOINT_FORMAT, Dist, LatentTrajectory, NullLogger, RunFolderLock, RunLogger, UserError,
+                   atomic_torch_save, autocast, crop_padding, device_rng_state, end_distributed, init_distributed,
+                   keep_copy, keep_stage_copy, load_checkpoint, load_newest_checkpoint, read_metrics,
+                   remove_stale_temporaries, resolve_channels_last, resolve_precision, run_cli, save_grid,
+                   saved_device_rng_state, seeded, set_device_rng_state, tensorboard_writer)
 from speed import choose_speed_settings
-from models import build_model, checkpoint_from_openai, is_openai_checkpoint, model_summary
+from models import build_model, checkpoint_from_openai, is_openai_checkpoint, model_summary, require_2d_latent
 from scoring import evaluate_elbo, kl_per_resolution
 from vae import count_parameters
 from vae_helpers import parse_layer_string
@@ -156,6 +156,24 @@ def sample_grid(model: torch.nn.Module, row_labels: torch.Tensor | None, n_per_r
     with seeded(device, seed):
         images = model.sample(n_rows * n_per_row, labels, temperature)
     return images.cpu()
+
+
+def tracked_images(split: Split, n: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """``n`` images of ``split`` (images, labels, indices) drawn with a fixed seed, the same in every run whatever
+    --seed, so that runs' latent trajectories show the same images."""
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[:min(n, len(split))]
+    return split.images[order], split.labels[order], order.tolist()
+
+
+@torch.no_grad()
+def posterior_means(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | None, n_batch: int,
+                    device: torch.device) -> torch.Tensor:
+    """The means of q(z | x, y), (N, zdim) float32 on the CPU, ``n_batch`` images at a time."""
+    chunks = []
+    for start in range(0, len(images), n_batch):
+        part = None if labels is None else labels[start:start + n_batch].to(device)
+        chunks.append(model.posterior_mean(images[start:start + n_batch].to(device), part).float().cpu())
+    return torch.cat(chunks)
 
 
 def grid_rows(H: Hyperparams, data: Data) -> tuple[torch.Tensor | None, list[str] | None]:
@@ -528,6 +546,9 @@ def train(H: Hyperparams, dist: Dist, device: torch.device, cleanup: contextlib.
     if len(data.train) < global_batch:
         raise UserError(f"the global batch (--n_batch {H.n_batch} x {dist.world} processes x --grad_accum "
                         f"{H.grad_accum}) is larger than the training set ({len(data.train)} images)")
+    if H.track_latents:  # a model without a 2-D latent: one line before any folder is written
+        with torch.device("meta"):
+            require_2d_latent(build_model(H), "--track_latents", "this run")
     user_chose_folder = bool(H.save_dir or H.restore)
     run_dir = Path(dist.broadcast(str(choose_run_dir(H)) if dist.main else None))  # rank 0 picks, all agree
     H.save_dir = str(run_dir)
@@ -549,6 +570,11 @@ def train(H: Hyperparams, dist: Dist, device: torch.device, cleanup: contextlib.
         for tmp in remove_stale_temporaries(run_dir):
             log.info(f"removed {tmp.name}, a checkpoint left half-written by a process that was killed while saving")
     conditional = H.n_classes > 0
+    trajectory = None  # --track_latents: the posterior means of fixed test images at every evaluation (rank 0)
+    if H.track_latents and dist.main:
+        earlier = [r for r in read_metrics(run_dir) if r.get("kind") == "latents"]  # a resumed run's frames
+        trajectory = LatentTrajectory(run_dir / "latents.gif", data.class_names, earlier)
+        tracked = tracked_images(data.test, H.track_latents)
 
     # ---- speed settings and the stages to train ---------------------------------------------------
     # one stage for most families; the vqvae trains its autoencoder, then its prior, each with its own optimiser,
@@ -595,11 +621,23 @@ def train(H: Hyperparams, dist: Dist, device: torch.device, cleanup: contextlib.
         log.metrics("eval", step=state["step"], split=split_name, stage=trainer.stage, **result)
         if H.curves:
             log.curves()  # curves.png: the run so far, at every evaluation
+        if trajectory is not None and trainer.stage == stages[-1]:
+            record_latents(trainer)
         if log.wants_images and split_name == "valid" and trainer.stage == stages[-1]:  # TensorBoard: a grid too
             with autocast(device, trainer.amp_dtype):
                 log.image("samples", crop_padding(sample_grid(trainer.ema, grid_rows(H, data)[0], 10, H.temperature,
                                                               device, seed=H.seed), H.pad), 10, state["step"])
         return result
+
+    def record_latents(trainer: Trainer) -> None:  # --track_latents: one record, one more frame of latents.gif
+        images, labels, indices = tracked
+        with autocast(device, trainer.amp_dtype):  # the posterior's head runs in fp32 under autocast
+            means = posterior_means(trainer.ema, images, labels if conditional else None, H.n_batch_eval, device)
+        values = {"step": state["step"], "split": "test", "images": indices,
+                  "labels": None if data.multi_label else labels.tolist(),
+                  "means": [[round(a, 5), round(b, 5)] for a, b in means.tolist()]}
+        log.metrics("latents", **values)
+        trajectory.add(values)
 
     reported_skips: set[Path] = set()
     latest_extras: dict[str, float] = {}  # the last log window's means of a family's own figures
@@ -759,6 +797,9 @@ def train(H: Hyperparams, dist: Dist, device: torch.device, cleanup: contextlib.
         if H.curves:
             shutil.copyfile(run_dir / "curves.png", Path("assets") / f"{H.hps}_curves.png")
     log.info(f"samples (a row per class, t={H.temperature}): {grid_path}")
+    if trajectory is not None:
+        log.info(f"posterior means of {len(tracked[2])} test images at {len(trajectory.records)} evaluations: "
+                 f"{trajectory.path} (and the latents records of metrics.jsonl)")
     log.metrics("final", step=state["step"], train_seconds=round(train_seconds, 1), test_bpd=result["loss"],
                 test_recon=result["recon"], test_kl=result["kl"], skipped_updates=state["skipped"])
     log.close()

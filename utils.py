@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -332,6 +333,52 @@ def save_grid(images, path, nrow: int, row_labels: list[str] | None = None,
     labelled_grid(images, nrow, row_labels, col_labels).save(path)
 
 
+def folder_name(text: str) -> str:
+    """A class name as a folder name on every file system: runs of characters other than letters, digits and
+    ``._=-`` become one underscore ("Smiling,Male=0" -> "Smiling_Male=0")."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", text).strip("_") or "_"
+
+
+def check_empty_folder(root, flag: str) -> None:
+    """Refuse, before any work, a folder that already holds files: writing into it could overwrite earlier
+    samples or mix two runs' images under one manifest."""
+    root = Path(root)
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise UserError(f"{flag} {root} already exists and is not an empty folder: name a new one")
+
+
+def save_image_folder(images, folders: list[str], root, records: list[dict]) -> Path:
+    """Each uint8 image (N, C, H, W) as its own PNG at its native size, ``ROOT/FOLDER/00001.png`` numbered from 1
+    within each folder (the layout torchvision's ImageFolder and FID tools read), and ``ROOT/manifest.csv``: a row
+    per image with its file and the fields of its record. Returns the manifest's path."""
+    import csv
+
+    from PIL import Image
+
+    root = Path(root)
+    counts: dict[str, int] = {}
+    rows = []
+    digits = max(5, len(str(len(images))))
+    try:
+        for image, folder, record in zip(images, folders, records):
+            counts[folder] = counts.get(folder, 0) + 1
+            name = Path(folder) / f"{counts[folder]:0{digits}d}.png"
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            array = image.permute(1, 2, 0).numpy()
+            Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(root / name)
+            rows.append({"file": name.as_posix(), **record})
+        manifest = root / "manifest.csv"
+        with open(manifest, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    except OSError as err:
+        raise UserError(f"cannot write into {root}: {err.strerror or err}") from None
+    return manifest
+
+
 def save_gif(frames: list, path, fps: float) -> None:
     """Write PIL pictures as an animated GIF that loops forever."""
     import imageio.v3 as iio
@@ -488,6 +535,78 @@ class RunLogger:
         self._metrics.close()
         if self.writer is not None:
             self.writer.close()
+
+
+class LatentTrajectory:
+    """Where the encoder puts fixed held-out images over training (train.py --track_latents): the ``latents``
+    records of metrics.jsonl (a step, the images' labels and the 2-D posterior means) drawn as an animated GIF,
+    one scatter coloured by class per evaluation, on axes that every frame shares so that motion is real."""
+
+    def __init__(self, path: Path, class_names: list[str], records: list[dict] = ()):
+        self.path, self.class_names = Path(path), class_names
+        self.records = {r["step"]: r for r in records}  # a resumed run's earlier evaluations
+        self._frames: dict[int, Any] = {}  # drawn frames by step, for the current axes
+        self._bound = 0.0
+
+    def add(self, record: dict) -> Path:
+        """A new evaluation's record, then the GIF rewritten. Records at this step or later are dropped first: they
+        come from a run that was stopped and resumed from an earlier checkpoint, and this run replaces them."""
+        for step in [s for s in self.records if s >= record["step"]]:
+            del self.records[step]
+            self._frames.pop(step, None)
+        self.records[record["step"]] = record
+        return self.write()
+
+    def bound(self) -> float:
+        """Half the width of the square axes: the prior's +-3 standard deviations, widened in whole units until
+        every mean fits (so the axes, and the frames drawn on them, rarely change)."""
+        biggest = max((abs(v) for r in self.records.values() for point in r["means"] for v in point), default=0.0)
+        return float(max(3, math.ceil(biggest * 1.05)))
+
+    def write(self, fps: float = 2.0) -> Path:
+        bound = self.bound()
+        if bound != self._bound:  # new axes: every frame is drawn again on them
+            self._frames, self._bound = {}, bound
+        frames = []
+        for step in sorted(self.records):
+            if step not in self._frames:
+                self._frames[step] = self._draw(self.records[step], bound)
+            frames.append(self._frames[step])
+        save_gif(frames, self.path, fps)
+        return self.path
+
+    def _draw(self, record: dict, bound: float):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+        from PIL import Image
+
+        means = np.asarray(record["means"], dtype=float).reshape(-1, 2)
+        labels = record.get("labels")
+        fig, ax = plt.subplots(figsize=(6.0, 4.8), dpi=80)
+        if labels is None:  # no class per image: one colour
+            ax.scatter(means[:, 0], means[:, 1], s=8, color="tab:blue")
+        else:
+            labels = np.asarray(labels)
+            cmap = plt.get_cmap("tab10" if len(self.class_names) <= 10 else "tab20")
+            for c, name in enumerate(self.class_names):
+                mask = labels == c
+                if mask.any():
+                    ax.scatter(means[mask, 0], means[mask, 1], s=8, color=cmap(c % cmap.N), label=name)
+            ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, markerscale=2, frameon=False)
+        ax.set_xlim(-bound, bound)
+        ax.set_ylim(-bound, bound)
+        ax.set_aspect("equal")
+        ax.set_xlabel("z1 (posterior mean)")
+        ax.set_ylabel("z2")
+        ax.set_title(f"step {record['step']} ({record.get('split', 'test')}, {len(means)} images)")
+        fig.tight_layout()
+        fig.canvas.draw()
+        picture = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())).convert("RGB")
+        plt.close(fig)
+        return picture
 
 
 # ---------------------------------------------------------------------------------------------

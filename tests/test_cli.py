@@ -149,6 +149,12 @@ BAD_INPUTS = [
     ("sample.py", ["explore", "--weights", "RUN", "--class", "cat"], "unknown class 'cat'"),
     ("sample.py", ["swap", "--weights", "RUN", "--n", "0"], "--n must be > 0"),
     ("sample.py", ["swap", "--weights", "UNCONDITIONAL"], "is an unconditional model: swap needs classes"),
+    ("sample.py", ["manifold", "--weights", "RUN"], "manifold needs a 2-dimensional latent"),
+    ("sample.py", ["grid", "--weights", "RUN", "--outdir", "RUN"], "already exists and is not an empty folder"),
+    ("sample.py", ["recon", "--weights", "RUN", "--outdir", "OUTDIR", "--k", "1,2"], "give one --k"),
+    ("train.py", ["--hps", "digits", "--track_latents", "5", "--save_dir", "OUTDIR"],
+     "--track_latents needs a 2-dimensional latent"),
+    ("toy2d.py", ["--steps", "0"], "--steps must be > 0"),
 ]
 
 

@@ -88,7 +88,7 @@ def test_resuming_into_another_family_is_refused_before_anything_is_written(tmp_
     assert sorted(p.name for p in run_dir.iterdir()) == before
 
 
-ENTRY_POINTS = ["train", "evaluate", "sample", "convert", "plot", "app"]
+ENTRY_POINTS = ["train", "evaluate", "sample", "convert", "plot", "app", "toy2d"]
 
 
 def test_entry_points_never_import_each_other():
