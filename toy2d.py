@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from cvae import LOG_SIGMA_BOUND, label_vector
 from utils import CliParser, UserError, run_cli
