@@ -586,7 +586,7 @@ class LatentTrajectory:
         means = np.asarray(record["means"], dtype=float).reshape(-1, 2)
         labels = record.get("labels")
         fig, ax = plt.subplots(figsize=(6.0, 4.8), dpi=80)
-        if labels is None:  # no class per image: one colour
+        if labels is None or not self.class_names:  # no class per image (attributes, an unlabelled set): one colour
             ax.scatter(means[:, 0], means[:, 1], s=8, color="tab:blue")
         else:
             labels = np.asarray(labels)
@@ -595,7 +595,8 @@ class LatentTrajectory:
                 mask = labels == c
                 if mask.any():
                     ax.scatter(means[mask, 0], means[mask, 1], s=8, color=cmap(c % cmap.N), label=name)
-            ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, markerscale=2, frameon=False)
+            if len(self.class_names) <= 20:  # beyond that a legend would be taller than the plot (CIFAR-100)
+                ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, markerscale=2, frameon=False)
         ax.set_xlim(-bound, bound)
         ax.set_ylim(-bound, bound)
         ax.set_aspect("equal")

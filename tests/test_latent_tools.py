@@ -106,6 +106,10 @@ def test_a_resumed_trajectory_replaces_the_frames_it_trains_again(tmp_path):
     assert Image.open(tmp_path / "l.gif").n_frames == 2
     trajectory.add(record(6, 7.2))  # a mean beyond +-3: wider axes, shared by every frame
     assert trajectory.bound() == 8.0 and Image.open(tmp_path / "l.gif").n_frames == 3
+    unlabelled = LatentTrajectory(tmp_path / "u.gif", [])  # a dataset without class names: one colour, still drawn
+    unlabelled.add(record(1, 1.0))
+    frame = np.asarray(Image.open(tmp_path / "u.gif").convert("RGB")).astype(int)
+    assert ((frame[..., 2] - frame[..., 0]) > 80).any()  # blue points on the white plot
 
 
 def read_folder(root) -> tuple[list[dict], list[np.ndarray]]:
