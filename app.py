@@ -1,4 +1,5 @@
-"""A web page for a trained model (Gradio, on localhost): sample, cherry-pick, reconstruct, interpolate, swap.
+"""A web page for a trained model (Gradio, on localhost): sample, cherry-pick, reconstruct, interpolate, swap and,
+for a 2-D latent, the manifold.
 
     pip install -r requirements-app.txt        # gradio and the other optional extras
     python app.py                              # the shipped digits model: http://127.0.0.1:7860
@@ -6,7 +7,8 @@
 
 Tabs: **Sample** (a class by name, how many, one temperature or one per resolution, a seed), **Cherry-pick**
 (NVAE's workflow: draw 3x3 samples, click the good ones until the selection is full, draw again as often as
-needed, reorder, download the grid as a PNG), **Reconstruct**, **Interpolate** and **Class swap**. Every tab calls
+needed, reorder, download the grid as a PNG), **Reconstruct**, **Interpolate**, **Class swap** and, for a cvae or
+vlae with ``--zdim 2``, **Manifold**. Every tab calls
 the runner of the matching sample.py mode (sampling.py), so a picture here is the one the command line draws with
 the same flags. It loads whatever sample.py loads (run folders, .pt, .safetensors, hf:ORG/NAME), and bad input is a
 message on the page, not a stack trace.
@@ -78,6 +80,12 @@ class App:
     def swap(self, n: int, classes: str, seed: int) -> str:
         return str(self.run_mode("swap", ["--n", str(int(n)), "--seed", str(int(seed)),
                                           *(["--classes", classes.strip()] if classes.strip() else [])]))
+
+    def manifold(self, class_name: str, n: int, draws: int, value: float) -> str:
+        flags = ["--n", str(int(n)), "--draws", str(int(draws)), "--temperature", f"{value:g}"]
+        if class_name and class_name != "all":
+            flags += ["--class", class_name]
+        return str(self.run_mode("manifold", flags))
 
     # ---- cherry-picking (NVAE's workflow) ------------------------------------------------------------
     def draw(self, class_name: str, value: float, seed: int, state: dict) -> tuple[list, dict, str]:
@@ -253,6 +261,16 @@ def build_page(app: App):
         else:
             gr.Markdown(f"Interpolation and class swap need prior noise, which the {app.session.model.family} "
                         f"family does not have.")
+        if "manifold" in app.abilities:  # a cvae or vlae with a 2-D latent
+            with gr.Tab("Manifold"):
+                with gr.Row():
+                    m_class = gr.Dropdown(classes[1:] or ["all"], value=first, label="class")
+                    m_n = gr.Slider(3, 30, value=15, step=1, label="grid side")
+                    m_draws = gr.Slider(1, 32, value=8, step=1, label="pixel draws averaged per cell")
+                    m_t = gr.Slider(0.05, 1.5, value=1.0, step=0.05, label="temperature (spread of the grid)")
+                m_go = gr.Button("Draw the manifold", variant="primary")
+                m_out = gr.Image(label="the latent grid at the prior's quantiles", type="filepath")
+                m_go.click(shown_errors(app.manifold), [m_class, m_n, m_draws, m_t], m_out, api_name="manifold")
     return page
 
 

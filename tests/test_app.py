@@ -88,6 +88,26 @@ def test_the_app_samples_cherry_picks_and_runs_every_mode(served):
         client.predict("two held-out images", "3,999999", 5, 0, api_name="/interp")
 
 
+def test_a_manifold_tab_exactly_for_models_with_a_2d_latent(tmp_path):
+    """Built in process (no server): the tab's endpoint draws sample.py manifold's picture for a 2-D cvae, and the
+    page of the shipped vdvae has no such tab."""
+    import app
+    import sample
+    import train
+    from conftest import tiny_cli_args
+
+    run_dir = tmp_path / "cvae2d"
+    train.main(tiny_cli_args(run_dir, model="cvae", zdim=2, conv_width=8, width=16, max_steps=2))
+    cvae_app = app.App(str(run_dir), "cpu")
+    endpoints = lambda page: {f.api_name for f in page.fns.values()}  # noqa: E731
+    assert "manifold" in endpoints(app.build_page(cvae_app))
+    assert "manifold" not in endpoints(app.build_page(app.App(str(ROOT / "weights" / "digits.safetensors"), "cpu")))
+    shown_picture = png(cvae_app.manifold("7", 4, 2, 1.0))
+    sample.main(["manifold", "--weights", str(run_dir), "--class", "7", "--n", "4", "--draws", "2",
+                 "--out", str(tmp_path / "cli.png")])
+    assert np.array_equal(shown_picture, png(tmp_path / "cli.png"))  # the page's picture is the command line's
+
+
 def test_bad_weights_are_one_line_before_serving(tmp_path):
     result = run("app.py", "--weights", str(tmp_path / "none.safetensors"), "--port", str(free_port()))
     assert result.returncode == 2 and "Traceback" not in result.stderr
