@@ -285,20 +285,24 @@ def run_grid(s: Session) -> str:
             raise UserError(f"{args.weights} conditions on attributes: use --attributes, not --classes")
         rows, row_labels = s.attribute_rows()
         per_class = args.n_per_class or s.n(10)
-        labels, nrow, n = rows.repeat_interleave(per_class, dim=0), per_class, len(rows) * per_class
+        nrow, n = per_class, len(rows) * per_class
     elif s.conditional:
         classes = parse_classes(args.classes, s.class_names)
         per_class = args.n_per_class or s.n(10)
-        labels = s.labels(classes, 0).repeat_interleave(per_class)
-        nrow, n = per_class, len(labels)
+        nrow, n = per_class, len(classes) * per_class
         row_labels = [s.name(c) for c in classes]
     else:
         if args.classes:
             raise UserError(f"{args.weights} is an unconditional model: it takes no --classes")
         n = args.n_per_class or s.n(100)
-        labels, nrow, row_labels = None, int(np.ceil(np.sqrt(n))), None
+        nrow, row_labels = int(np.ceil(np.sqrt(n))), None
     side = s.H.image_size - 2 * s.H.pad  # what is written: MNIST's 28x28 without the padding
     check_output_size(n, nrow, (s.H.image_channels, side, side), "" if args.outdir else out.suffix)  # no picture
+    labels = None  # built after the size check: --n 100000000 must not allocate a billion labels first
+    if s.multi_label:
+        labels = rows.repeat_interleave(per_class, dim=0)
+    elif s.conditional:
+        labels = s.labels(classes, 0).repeat_interleave(per_class)
     torch.manual_seed(args.seed)
     images = sample_batched(s.model, n, labels, s.temperature, args.n_batch, s.amp_dtype)
     if args.outdir:  # one PNG per sample, in a folder per class, for FID tools and other pipelines

@@ -1,6 +1,8 @@
-"""The entry points as a user runs them: train.py then sample.py, in subprocesses."""
+"""The entry points as a user runs them: train.py then sample.py in subprocesses, and the table of bad invocations (in
+process, with one case of each script as a real process)."""
 from __future__ import annotations
 
+import importlib
 import json
 
 import numpy as np
@@ -8,6 +10,7 @@ import pytest
 import torch
 
 from conftest import run, tiny_cli_args, write_damaged_weights
+from utils import run_cli
 
 
 def test_train_writes_checkpoint_logs_and_samples(trained_run):
@@ -175,22 +178,52 @@ def snapshot(folder) -> dict:
     return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("script,args,message", BAD_INPUTS)
-def test_bad_input_is_one_line_and_exit_2(trained_run, bad_files, tmp_path, script, args, message):
-    """Each bad invocation: exit status 2, one line on stderr naming the problem, no traceback, and the run
-    folder it pointed at unchanged."""
-    run_dir, _ = trained_run
+def run_in_process(script: str, args: list[str], capsys) -> tuple[int, str]:
+    """``script``'s main through run_cli, as its ``__main__`` block calls it: (exit status, stderr). In process, so
+    that 78 cases take seconds rather than minutes of interpreter starts; test_each_script_exits_2_as_a_process
+    runs one case of each script as a real process."""
+    module = importlib.import_module(script.removesuffix(".py"))
+    capsys.readouterr()  # what earlier steps printed
+    with pytest.raises(SystemExit) as stop:
+        run_cli(module.main, list(args))
+    return stop.value.code, capsys.readouterr().err
+
+
+def check_bad_input(bad_files, run_dir, tmp_path, script, args, message, runner) -> None:
+    """Exit status 2, one line on stderr naming the problem, no traceback, the run folder it pointed at unchanged,
+    and nothing written where it ran."""
     names = dict(bad_files, OUTDIR=str(tmp_path / "out"))
     args = [names.get(a, a) for a in args]
     before = snapshot(run_dir)
-    result = run(script, *args, cwd=tmp_path)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
+    code, stderr = runner(script, args)
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
+    assert "Traceback" not in stderr
     assert snapshot(run_dir) == before
     # nothing written where it ran: no picture, no run folder (OUTDIR, weights/digits) that did not exist before
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("script,args,message", BAD_INPUTS)
+def test_bad_input_is_one_line_and_exit_2(trained_run, bad_files, tmp_path, monkeypatch, capsys, script, args,
+                                          message):
+    run_dir, _ = trained_run
+    monkeypatch.chdir(tmp_path)  # relative paths and default run folders land where a user would run it
+    check_bad_input(bad_files, run_dir, tmp_path, script, args, message,
+                    lambda name, argv: run_in_process(name, argv, capsys))
+
+
+@pytest.mark.parametrize("script,args,message", [next(case for case in BAD_INPUTS if case[0] == script)
+                                                 for script in ("train.py", "sample.py", "toy2d.py")])
+def test_each_script_exits_2_as_a_process(trained_run, bad_files, tmp_path, script, args, message):
+    """The first case of each script in a real process: its ``__main__`` block, the interpreter's exit status."""
+    run_dir, _ = trained_run
+
+    def in_a_process(name: str, argv: list[str]) -> tuple[int, str]:
+        result = run(name, *argv, cwd=tmp_path)
+        return result.returncode, result.stderr
+    check_bad_input(bad_files, run_dir, tmp_path, script, args, message, in_a_process)
 
 
 def test_help_lists_every_field():
