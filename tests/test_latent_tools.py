@@ -4,6 +4,7 @@ reconstructions as an image folder with a manifest)."""
 from __future__ import annotations
 
 import csv
+import shutil
 from statistics import NormalDist
 
 import numpy as np
@@ -94,6 +95,14 @@ def test_track_latents_writes_a_frame_per_evaluation(cvae_run):
         assert np.asarray(record["means"]).shape == (12, 2) and np.isfinite(record["means"]).all()
         assert len(record["labels"]) == 12 and record["images"] == latents[0]["images"]  # the same images each time
     assert latents[0]["means"] != latents[1]["means"]  # the encoder moved between evaluations
+
+
+def test_a_resumed_run_keeps_its_earlier_frames(cvae_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(cvae_run, run_dir)
+    train.main(tiny_cli_args(run_dir, track_latents=12, max_steps=9, restore="latest", **CVAE_2D))
+    steps = [r["step"] for r in read_metrics(run_dir) if r["kind"] == "latents"]
+    assert steps == [3, 6, 9] and Image.open(run_dir / "latents.gif").n_frames == 3
 
 
 def test_a_resumed_trajectory_replaces_the_frames_it_trains_again(tmp_path):
