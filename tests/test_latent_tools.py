@@ -69,6 +69,29 @@ def test_manifold_decodes_the_grid_latents_in_order(cvae_run, tmp_path):
     assert width >= 4 * 34 and height >= 4 * 34  # 8x8 digits drawn 4x larger, 2 pixels apart, axis labels around
 
 
+def test_the_vlae_manifold_maps_the_grid_through_its_flow(tmp_path):
+    run_dir = tmp_path / "vlae"
+    train.main(tiny_cli_args(run_dir, max_steps=1, **{**CVAE_2D, "model": "vlae", "made_hidden": 16}))
+    args = sampling.build_parser().parse_args(["manifold", "--weights", str(run_dir), "--class", "2", "--n", "3",
+                                               "--draws", "1", "--out", str(tmp_path / "m.png")])
+    session = sampling.Session(args)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # the flow starts as the identity: give it weights, as longer training would
+        for p in session.model.prior.made.layer3.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    seen = []
+    handle = session.model.decoder.register_forward_hook(lambda m, a, out: seen.append(a[0].detach().clone()))
+    try:
+        sampling.run_manifold(session)
+    finally:
+        handle.remove()
+    grid, y = sampling.manifold_noise(3), torch.nn.functional.one_hot(session.labels(2, 9), 10).float()
+    z = seen[0]
+    assert not torch.allclose(z, grid, atol=1e-3)  # the flow moved the grid ...
+    eps, _ = session.model.prior(z, y)  # ... and its forward map takes the decoded latents back onto it
+    assert torch.allclose(eps, grid, atol=1e-5)
+
+
 def test_manifold_without_a_class_writes_a_picture_per_class(cvae_run, tmp_path):
     sample.main(["manifold", "--weights", str(cvae_run), "--n", "3", "--out", str(tmp_path / "m.png")])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"m_{c}.png" for c in range(10))
