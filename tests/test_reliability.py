@@ -2,6 +2,7 @@
 skipped updates, and weights loaded without running code. Through the real CLI where a user would be."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -197,20 +198,23 @@ def test_a_checkpoint_with_a_malicious_pickle_is_refused_without_running_it(tmp_
         assert not marker.exists()
 
 
-def test_safetensors_export_samples_the_same_and_evaluates(tmp_path):
-    run_dir = tmp_path / "run"
-    assert run("train.py", *tiny_cli_args(run_dir)).returncode == 0
+def test_safetensors_export_samples_the_same_and_evaluates(trained_run, tmp_path):
+    """The shared tiny run, exported; the command lines in this process (sample.main, evaluate.main)."""
+    import evaluate
+    import sample
+
+    run_dir, _ = trained_run
     exported = tmp_path / "model.safetensors"
-    result = run("sample.py", "--weights", str(run_dir), "--export", str(exported))
-    assert result.returncode == 0 and exported.is_file(), result.stderr
+    sample.main(["--weights", str(run_dir), "--export", str(exported)])
+    assert exported.is_file()
     outs = []
     for weights in (run_dir, exported):
         out = tmp_path / f"{weights.name}.npz"
-        assert run("sample.py", "--weights", str(weights), "--out", str(out), "--seed", "4").returncode == 0
+        sample.main(["--weights", str(weights), "--out", str(out), "--seed", "4"])
         outs.append(np.load(out)["images"])
     assert np.array_equal(outs[0], outs[1])
-    result = run("evaluate.py", "--weights", str(exported), "--no_classify", "--out", str(tmp_path / "e.json"))
-    assert result.returncode == 0, result.stderr[-2000:]
+    evaluate.main(["--weights", str(exported), "--no_classify", "--out", str(tmp_path / "e.json")])
+    assert 0 < json.loads((tmp_path / "e.json").read_text())["bpd"] < 10
 
 
 def test_latest_is_present_at_every_instant_of_a_save(tmp_path, monkeypatch):
