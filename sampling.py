@@ -573,8 +573,8 @@ def build_parser(description: str | None = None) -> CliParser:
     for mode in MODES:
         m = add_checkpoint_flags(sub.add_parser(mode, help=helps[mode], description=helps[mode]))
         m.add_argument("--out", default=default_out[mode], help="output file")
-        m.add_argument("--n", type=int, default=None, help="how many (samples per class, images, rows or "
-                       "variations; see the mode)")
+        m.add_argument("--n", type=int, default=None, help="how many (samples per class, images, rows, "
+                       "variations or the manifold's grid side; see the mode)")
         m.add_argument("--temperature", default="1.0", help="prior temperature: one value, one per latent group, "
                        "or RES:T pairs")
         m.add_argument("--n_batch", type=int, default=256, help="samples drawn per forward pass (grid)")
