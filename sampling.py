@@ -276,9 +276,7 @@ class Session:
 def run_grid(s: Session) -> str:
     args = s.args
     out = Path(args.out)
-    if args.outdir:
-        check_empty_folder(args.outdir, "--outdir")
-    elif out.suffix not in (".png", ".npz"):
+    if not args.outdir and out.suffix not in (".png", ".npz"):
         raise UserError(f"--out must end in .png or .npz, got {args.out!r}")
     if s.multi_label:
         if args.classes:
@@ -298,6 +296,8 @@ def run_grid(s: Session) -> str:
         nrow, row_labels = int(np.ceil(np.sqrt(n))), None
     side = s.H.image_size - 2 * s.H.pad  # what is written: MNIST's 28x28 without the padding
     check_output_size(n, nrow, (s.H.image_channels, side, side), "" if args.outdir else out.suffix)  # no picture
+    if args.outdir:  # every flag checked: the folder is made now, before the sampling
+        check_empty_folder(args.outdir, "--outdir")
     labels = None  # built after the size check: --n 100000000 must not allocate a billion labels first
     if s.multi_label:
         labels = rows.repeat_interleave(per_class, dim=0)
@@ -361,12 +361,12 @@ def recon_to_folder(s: Session) -> str:
     """recon --outdir: each held-out image's reconstruction from the top k groups (default: all of them, the full
     posterior) as its own PNG in a folder per class, with a manifest naming the source image, k and the seed."""
     args = s.args
-    check_empty_folder(args.outdir, "--outdir")
     ks = parse_ints(args.k, "--k", 0, s.n_groups) if args.k else [s.n_groups]
     if len(ks) != 1:
         raise UserError(f"recon --outdir writes one reconstruction per image: give one --k, got {args.k!r}")
     indices = parse_ints(args.images, "--images", 0, 10**9) if args.images else None
     images, labels, indices = s.pick(s.held_out(), indices, s.n(8))
+    check_empty_folder(args.outdir, "--outdir")  # every flag checked: the folder is made now
     torch.manual_seed(args.seed)
     with autocast(s.device, s.amp_dtype):
         recon = s.model.reconstruct(images, labels if s.conditional else None, n_posterior=ks[0],

@@ -342,11 +342,16 @@ def folder_name(text: str) -> str:
 
 
 def check_empty_folder(root, flag: str) -> None:
-    """Refuse, before any work, a folder that already holds files: writing into it could overwrite earlier
-    samples or mix two runs' images under one manifest."""
+    """Before any work: refuse a folder that already holds files (writing into it could overwrite earlier samples
+    or mix two runs' images under one manifest), and create it, so that an unwritable place fails now rather
+    than after the sampling."""
     root = Path(root)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise UserError(f"{flag} {root} already exists and is not an empty folder: name a new one")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create {flag} {root}: {err.strerror or err}") from None
 
 
 def save_image_folder(images, folders: list[str], root, records: list[dict]) -> Path:

@@ -155,6 +155,7 @@ BAD_INPUTS = [
     ("sample.py", ["manifold", "--weights", "RUN"], "manifold needs a 2-dimensional latent"),
     ("sample.py", ["grid", "--weights", "RUN", "--outdir", "RUN"], "already exists and is not an empty folder"),
     ("sample.py", ["recon", "--weights", "RUN", "--outdir", "OUTDIR", "--k", "1,2"], "give one --k"),
+    ("sample.py", ["grid", "--weights", "RUN", "--outdir", "/proc/no/such/folder"], "cannot create --outdir"),
     ("train.py", ["--hps", "digits", "--track_latents", "5", "--save_dir", "OUTDIR"],
      "--track_latents needs a 2-dimensional latent"),
     ("toy2d.py", ["--steps", "0"], "--steps must be > 0"),
@@ -180,7 +181,7 @@ def snapshot(folder) -> dict:
 
 def run_in_process(script: str, args: list[str], capsys) -> tuple[int, str]:
     """``script``'s main through run_cli, as its ``__main__`` block calls it: (exit status, stderr). In process, so
-    that 78 cases take seconds rather than minutes of interpreter starts; test_each_script_exits_2_as_a_process
+    that 79 cases take seconds rather than minutes of interpreter starts; test_each_script_exits_2_as_a_process
     runs one case of each script as a real process."""
     module = importlib.import_module(script.removesuffix(".py"))
     capsys.readouterr()  # what earlier steps printed
