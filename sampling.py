@@ -306,11 +306,10 @@ def run_grid(s: Session) -> str:
     torch.manual_seed(args.seed)
     images = sample_batched(s.model, n, labels, s.temperature, args.n_batch, s.amp_dtype)
     if args.outdir:  # one PNG per sample, in a folder per class, for FID tools and other pipelines
-        names = (row_labels if s.conditional else ["all"])  # a conditional model's row names: its classes
-        folders = [folder_name(names[i // nrow]) for i in range(n)] if s.conditional else ["all"] * n
-        records = [{"class": names[i // nrow] if s.conditional else "",
-                    "label": (classes[i // nrow] if s.conditional and not s.multi_label else ""),
-                    "index": i, "seed": args.seed, "temperature": args.temperature} for i in range(n)]
+        names = [row_labels[i // nrow] if s.conditional else "" for i in range(n)]  # rows are classes
+        folders = [folder_name(name) if name else "all" for name in names]
+        records = [{"class": name, "label": classes[i // nrow] if s.conditional and not s.multi_label else "",
+                    "index": i, "seed": args.seed, "temperature": args.temperature} for i, name in enumerate(names)]
         manifest = save_image_folder(s.visible(images), folders, args.outdir, records)
         return f"wrote {n} samples as PNG files under {args.outdir} ({len(set(folders))} folder(s)), listed in " \
                f"{manifest}"
@@ -339,11 +338,15 @@ def default_ks(n_groups: int) -> list[int]:
 
 def run_recon(s: Session) -> str:
     args = s.args
-    if args.outdir:
-        return recon_to_folder(s)
-    ks = parse_ints(args.k, "--k", 0, s.n_groups) if args.k else default_ks(s.n_groups)
+    # --outdir writes one reconstruction per image: by default from every group (the full posterior)
+    ks = parse_ints(args.k, "--k", 0, s.n_groups) if args.k else [s.n_groups] if args.outdir else \
+        default_ks(s.n_groups)
+    if args.outdir and len(ks) != 1:
+        raise UserError(f"recon --outdir writes one reconstruction per image: give one --k, got {args.k!r}")
     indices = parse_ints(args.images, "--images", 0, 10**9) if args.images else None
     images, labels, indices = s.pick(s.held_out(), indices, s.n(8))
+    if args.outdir:
+        return recon_to_folder(s, images, labels, indices, ks[0])
     cond = labels if s.conditional else None
     columns = [images.cpu()]
     torch.manual_seed(args.seed)
@@ -357,26 +360,21 @@ def run_recon(s: Session) -> str:
            f"(k = {', '.join(map(str, ks))}) to {out}"
 
 
-def recon_to_folder(s: Session) -> str:
-    """recon --outdir: each held-out image's reconstruction from the top k groups (default: all of them, the full
-    posterior) as its own PNG in a folder per class, with a manifest naming the source image, k and the seed."""
+def recon_to_folder(s: Session, images: torch.Tensor, labels: torch.Tensor, indices: list[int], k: int) -> str:
+    """recon --outdir: each held-out image's reconstruction from the top k groups as its own PNG in a folder per
+    class, with a manifest naming the source image, k and the seed."""
     args = s.args
-    ks = parse_ints(args.k, "--k", 0, s.n_groups) if args.k else [s.n_groups]
-    if len(ks) != 1:
-        raise UserError(f"recon --outdir writes one reconstruction per image: give one --k, got {args.k!r}")
-    indices = parse_ints(args.images, "--images", 0, 10**9) if args.images else None
-    images, labels, indices = s.pick(s.held_out(), indices, s.n(8))
     check_empty_folder(args.outdir, "--outdir")  # every flag checked: the folder is made now
     torch.manual_seed(args.seed)
     with autocast(s.device, s.amp_dtype):
-        recon = s.model.reconstruct(images, labels if s.conditional else None, n_posterior=ks[0],
+        recon = s.model.reconstruct(images, labels if s.conditional else None, n_posterior=k,
                                     temperature=s.temperature).cpu()
-    names = [s.label_name(c) for c in labels.tolist()] if s.conditional else ["all"] * len(images)
-    records = [{"class": name if s.conditional else "", "label": int(c) if s.conditional and not s.multi_label
-                else "", "split": args.split, "image": i, "k": ks[0], "seed": args.seed}
-               for name, c, i in zip(names, labels.tolist(), indices)]
-    manifest = save_image_folder(s.visible(recon), [folder_name(n) for n in names], args.outdir, records)
-    return f"wrote reconstructions of {len(images)} {args.split} images (top {ks[0]} of {s.n_groups} groups) as PNG " \
+    names = [s.label_name(c) if s.conditional else "" for c in labels.tolist()]
+    records = [{"class": name, "label": int(c) if s.conditional and not s.multi_label else "", "split": args.split,
+                "image": i, "k": k, "seed": args.seed} for name, c, i in zip(names, labels.tolist(), indices)]
+    manifest = save_image_folder(s.visible(recon), [folder_name(n) if n else "all" for n in names], args.outdir,
+                                 records)
+    return f"wrote reconstructions of {len(images)} {args.split} images (top {k} of {s.n_groups} groups) as PNG " \
            f"files under {args.outdir}, listed in {manifest}"
 
 
