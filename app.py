@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from sampling import RUNNERS, Session, build_parser, parse_classes, sample_batched
-from utils import CliParser, UserError, add_checkpoint_flags, run_cli, save_grid
+from utils import CliParser, UserError, add_checkpoint_flags, check_port_free, run_cli, save_grid
 
 PICK_BATCH = 9  # NVAE's cherry-picking shows 3x3 samples at a time
 DISPLAY_SIDE = 96  # small images are enlarged (nearest neighbour) for the page
@@ -287,6 +287,7 @@ def main(argv: list[str]) -> None:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
     if importlib.util.find_spec("gradio") is None:
         raise UserError("app.py needs gradio: pip install -r requirements-app.txt")
+    check_port_free(args.host, args.port)  # before the model is loaded
     app = App(args.weights, args.device, args.raw_weights, args.hps)
     page = build_page(app)
     print(f"serving {args.weights} on http://{args.host}:{args.port}", flush=True)

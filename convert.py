@@ -20,7 +20,7 @@ from pathlib import Path
 
 # the conversion itself lives in models.py, beside the registry, where every entry point loads weights from
 from models import OPENAI_PRESETS, checkpoint_from_openai, write_safetensors
-from utils import CliParser, UserError, atomic_torch_save, run_cli
+from utils import CliParser, UserError, atomic_torch_save, check_output_file, run_cli
 
 
 def build_parser() -> CliParser:
@@ -44,6 +44,7 @@ def main(argv: list[str]) -> None:
     out = Path(args.out)
     if out.suffix not in (".pt", ".safetensors"):
         raise UserError(f"--out must end in .pt or .safetensors, got {args.out!r}")
+    check_output_file(out)  # before the conversion
     ckpt = checkpoint_from_openai(args.checkpoint, args.hps, args.n_classes)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import shutil
 import struct
 import threading
 import time
@@ -289,10 +290,18 @@ def _reason(err: BaseException) -> str:
 
 
 def _download(what: str, folder: Path, fetch: Callable[[], object], manual: str) -> None:
-    """Run a torchvision download; any failure becomes one line saying where to put the files by hand."""
+    """Run a torchvision download; any failure becomes one line saying where to put the files by hand, and
+    leaves nothing behind: the folders it created and the partial files it wrote beside ``folder`` are removed."""
+    base = Path(os.path.abspath(folder)).parent  # torchvision writes into the folder or, for CIFAR, beside it
+    while not base.exists():
+        base = base.parent
+    watched = [p for p in (base, Path(folder)) if p.is_dir()]
+    before = {p for w in watched for p in w.iterdir()}
     try:
         fetch()
     except Exception as err:  # noqa: BLE001 - any download failure means the same thing to the user
+        for path in {p for w in watched if w.is_dir() for p in w.iterdir()} - before:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink()
         raise UserError(f"{what} is not in {folder} and could not be downloaded ({_reason(err)}); {manual}") from None
 
 

@@ -20,7 +20,7 @@ import torch
 from data import load_data_for
 from models import load_model, local_weights
 from scoring import class_conditional_bpd, evaluate_elbo, importance_weighted_bpd, kl_per_resolution
-from utils import UserError, checkpoint_script_parser, pick_device, resolve_checkpoint, run_cli
+from utils import UserError, check_output_file, checkpoint_script_parser, pick_device, resolve_checkpoint, run_cli
 
 
 def evaluate_checkpoint(weights: str, split_name: str = "test", iw_samples: int = 1, batch_size: int = 64,
@@ -93,18 +93,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def default_report_path(weights: str, split: str) -> Path:
+    """eval_SPLIT.json beside the checkpoint, or in the current folder for hub weights (never into the hub's
+    cache)."""
+    path = Path(weights)
+    beside = Path(".") if weights.startswith("hf:") else path if path.is_dir() else path.parent
+    return beside / f"eval_{split}.json"
+
+
 def main(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
     if args.iw_samples < 1 or args.n_batch < 1:
         raise UserError("--iw_samples and --n_batch must be >= 1")
-    out = Path(args.out) if args.out else None
-    if out is not None and (out.is_dir() or not out.parent.is_dir()):  # refused before the evaluation, not after it
-        raise UserError(f"cannot write {out}: {'a folder' if out.is_dir() else f'no folder {out.parent}'}")
+    out = Path(args.out) if args.out else default_report_path(args.weights, args.split)
+    if args.out or out.parent.is_dir():  # (a default beside weights that do not exist: loading them says so)
+        check_output_file(out, parent_must_exist=True)  # before the download, the data and the evaluation
     result = evaluate_checkpoint(args.weights, args.split, args.iw_samples, args.n_batch, not args.no_classify,
                                  args.device, args.seed, not args.raw_weights, args.data_root, args.hps)
     print(format_table(result))
-    beside = Path(".") if args.weights.startswith("hf:") else Path(result["checkpoint"]).parent  # not in the hub cache
-    out = out or beside / f"eval_{args.split}.json"
     try:
         out.write_text(json.dumps(result, indent=1))
     except OSError as err:

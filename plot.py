@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from utils import CliParser, UserError, draw_curves, read_metrics, run_cli
+from utils import CliParser, UserError, check_output_file, draw_curves, read_metrics, run_cli
 
 
 def build_parser() -> CliParser:
@@ -30,6 +30,7 @@ def main(argv: list[str]) -> None:
     out = Path(args.out) if args.out else Path(args.runs[0]) / "curves.png"
     if out.suffix != ".png":
         raise UserError(f"--out must end in .png, got {out}")
+    check_output_file(out)
     names = [Path(r).resolve().name for r in args.runs]
     if len(set(names)) < len(names):  # two folders of the same name in different places: label by the path given
         names = list(args.runs)

@@ -38,7 +38,7 @@ import torch
 
 from models import (HUB_WEIGHTS, export_folder, export_safetensors, load_model, local_weights, model_summary,
                     write_model_card)
-from sampling import MODES, RUNNERS, Session, build_parser, run_grid
+from sampling import MODES, RUNNERS, Session, build_parser, check_outputs, run_grid
 from utils import UserError, run_cli
 from vae import count_parameters
 
@@ -47,8 +47,6 @@ def export_with_card(args: argparse.Namespace) -> str:
     """``--export DIR --card``: the weights and settings, a sample grid drawn from the exported file itself, and a
     model card with the evaluation figures found beside the checkpoint (evaluate.py's eval_*.json)."""
     out = Path(args.export)
-    if out.suffix == ".safetensors":
-        raise UserError(f"--export with --card names a folder, got {args.export!r}")
     source = Path(local_weights(args.weights))
     use_ema = not args.raw_weights
     ckpt = export_folder(str(source), out, use_ema=use_ema, hps=args.hps)
@@ -72,17 +70,20 @@ def main(argv: list[str]) -> None:
     if not argv or (argv[0] not in MODES and argv[0] not in ("-h", "--help")):
         argv = ["grid", *argv]  # no mode: today's grid command line
     args = build_parser(__doc__).parse_args(argv)
+    if args.mode == "grid" and args.card and not args.export:
+        raise UserError("--card goes with --export DIR: the folder to write")
+    if args.mode == "grid" and args.export and args.card and args.export.endswith(".safetensors"):
+        raise UserError(f"--export with --card names a folder, got {args.export!r}")
+    if args.mode == "grid" and args.export and not args.card and not args.export.endswith(".safetensors"):
+        raise UserError(f"--export must end in .safetensors, got {args.export!r}")
+    check_outputs(args)  # before the weights are loaded (or downloaded) and before any sampling
     if args.mode == "grid" and args.summary:
         print(model_summary(load_model(args.weights, torch.device("cpu"), not args.raw_weights, args.hps)[0].H))
         return
     if args.mode == "grid" and args.card:
-        if not args.export:
-            raise UserError("--card goes with --export DIR: the folder to write")
         print(export_with_card(args))
         return
     if args.mode == "grid" and args.export:
-        if not args.export.endswith(".safetensors"):
-            raise UserError(f"--export must end in .safetensors, got {args.export!r}")
         export_safetensors(args.weights, Path(args.export), use_ema=not args.raw_weights, hps=args.hps)
         print(f"wrote {'raw' if args.raw_weights else 'EMA'} weights and settings to {args.export}")
         return

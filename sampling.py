@@ -17,8 +17,8 @@ from data import Split, load_data_for
 from hps import PRECISIONS
 from models import load_model, require_2d_latent, require_ability
 from utils import (CliParser, UserError, add_checkpoint_flags, autocast, available_memory, check_empty_folder,
-                   crop_padding, folder_name, labelled_grid, pick_device, resolve_precision, save_gif, save_grid,
-                   save_image_folder)
+                   check_output_file, check_output_folder, crop_padding, folder_name, labelled_grid, pick_device,
+                   resolve_precision, save_gif, save_grid, save_image_folder)
 
 MODES = ("grid", "recon", "interp", "explore", "swap", "manifold")
 
@@ -128,6 +128,37 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # What the modes share: the model, held-out images, drawing and writing pictures
 # ---------------------------------------------------------------------------------------------
+
+
+# what --out may end in, per mode (interp writes both a PNG strip and a GIF; manifold may write OUT_CLASS.png files)
+OUT_SUFFIXES = {"grid": (".png", ".npz"), "interp": (".png", ".gif")}
+
+
+def check_out_suffix(mode: str, out: str) -> Path:
+    suffixes = OUT_SUFFIXES.get(mode, (".png",))
+    path = Path(out)
+    if path.suffix not in suffixes:
+        both = " (both are written)" if mode == "interp" else ""
+        raise UserError(f"--out must end in {' or '.join(suffixes)}{both} for {mode}, got {out!r}")
+    return path
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every path this invocation will write, checked before the weights are loaded (or downloaded) and before any
+    sampling: suffixes, and places that cannot be written. Creates nothing."""
+    if args.mode == "grid" and (args.summary or args.export):
+        if args.export and args.card:
+            check_output_folder(args.export, "--export")
+        elif args.export:
+            check_output_file(args.export)
+        return
+    if getattr(args, "outdir", None):
+        check_output_folder(args.outdir, "--outdir", empty=True)
+        return
+    out = check_out_suffix(args.mode, args.out)
+    check_output_file(out)
+    if args.mode == "interp":
+        check_output_file(out.with_suffix(".gif" if out.suffix == ".png" else ".png"))
 
 
 class Session:
@@ -258,9 +289,7 @@ class Session:
         return crop_padding(images, self.H.pad)
 
     def write(self, images: torch.Tensor, nrow: int, row_labels=None, col_labels=None) -> Path:
-        out = Path(self.args.out)
-        if out.suffix != ".png":
-            raise UserError(f"--out must end in .png for {self.args.mode}, got {self.args.out!r}")
+        out = check_out_suffix(self.args.mode, self.args.out)
         try:
             save_grid(self.visible(images), out, nrow=nrow, row_labels=row_labels, col_labels=col_labels)
         except OSError as err:
@@ -275,9 +304,7 @@ class Session:
 
 def run_grid(s: Session) -> str:
     args = s.args
-    out = Path(args.out)
-    if not args.outdir and out.suffix not in (".png", ".npz"):
-        raise UserError(f"--out must end in .png or .npz, got {args.out!r}")
+    out = Path(args.out) if args.outdir else check_out_suffix("grid", args.out)
     if s.multi_label:
         if args.classes:
             raise UserError(f"{args.weights} conditions on attributes: use --attributes, not --classes")
@@ -412,9 +439,7 @@ def run_manifold(s: Session) -> str:
     of its base distribution. ``--temperature`` t scales the grid to the quantiles of N(0, t^2)."""
     args = s.args
     require_2d_latent(s.model, "sample.py manifold", args.weights)
-    out = Path(args.out)
-    if out.suffix != ".png":
-        raise UserError(f"--out must end in .png for manifold, got {args.out!r}")
+    out = check_out_suffix("manifold", args.out)
     n = s.n(20)
     side = s.H.image_size - 2 * s.H.pad
     check_output_size(n * n, n, (s.H.image_channels, side, side), ".png")
@@ -445,9 +470,7 @@ def run_interp(s: Session) -> str:
         raise UserError(f"--frames must be >= 2 and --fps > 0, got {args.frames} and {args.fps}")
     if sum(x is not None for x in (args.images, args.seeds, args.classes)) > 1:
         raise UserError("give at most one of --images, --seeds and --classes")
-    out = Path(args.out)
-    if out.suffix not in (".png", ".gif"):
-        raise UserError(f"--out must end in .png or .gif (both are written), got {args.out!r}")
+    out = check_out_suffix("interp", args.out)
     ts = torch.linspace(0.0, 1.0, args.frames).tolist()
     if args.classes is not None:  # a fixed latent, the class embedding moving from one class to the other
         s.require_classes("interp --classes")

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from cvae import LOG_SIGMA_BOUND, label_vector
-from utils import CliParser, UserError, run_cli
+from utils import CliParser, UserError, check_output_file, run_cli
 from vae_helpers import draw_gaussian_diag_samples, gaussian_analytical_kl, gaussian_log_prob
 
 CLASS_NAMES = ["a", "b"]
@@ -223,6 +223,9 @@ def main(argv: list[str]) -> None:
         raise UserError(f"--lr must be a finite number > 0, got {args.lr}")
     if not args.out.endswith(".png"):
         raise UserError(f"--out must end in .png, got {args.out!r}")
+    for path in (args.out, args.json):  # before the training
+        if path:
+            check_output_file(path)
 
     torch.manual_seed(args.seed)
     x_train, y_train = make_toy2d(args.n_train, seed=args.seed)

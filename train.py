@@ -29,8 +29,8 @@ from hps import DATASET_IMAGES, FAMILY_STAGES, Hyperparams, parse_args
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from utils import (CHECKPOINT_FORMAT, Dist, LatentTrajectory, NullLogger, RunFolderLock, RunLogger, UserError,
-                   atomic_torch_save, autocast, crop_padding, device_rng_state, end_distributed, init_distributed,
-                   keep_copy, keep_stage_copy, load_checkpoint, load_newest_checkpoint, read_metrics,
+                   atomic_torch_save, autocast, check_output_folder, crop_padding, device_rng_state, end_distributed,
+                   init_distributed, keep_copy, keep_stage_copy, load_checkpoint, load_newest_checkpoint, read_metrics,
                    remove_stale_temporaries, resolve_channels_last, resolve_precision, run_cli, save_grid,
                    saved_device_rng_state, seeded, set_device_rng_state, tensorboard_writer)
 from speed import choose_speed_settings
@@ -115,6 +115,7 @@ def choose_run_dir(H: Hyperparams) -> Path:
 
 
 def create_run_dir(run_dir: Path) -> None:
+    """Make the run folder (checked writable before the data was read)."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -538,6 +539,10 @@ def train(H: Hyperparams, dist: Dist, device: torch.device, cleanup: contextlib.
     # ---- settings, data, run folder -----------------------------------------------------------
     if H.tensorboard:
         tensorboard_writer()  # missing: one line before anything is loaded or written
+    user_chose_folder = bool(H.save_dir or H.restore)
+    run_dir = Path(dist.broadcast(str(choose_run_dir(H)) if dist.main else None))  # rank 0 picks, all agree
+    if dist.main:  # before the data is read or downloaded; the folder itself is made once every check passed
+        check_output_folder(run_dir, "run folder")
     torch.manual_seed(H.seed)
     np.random.seed(H.seed)
     data = load_data_per_node(H, dist)  # binarized held-out splits for --likelihood bernoulli
@@ -549,14 +554,16 @@ def train(H: Hyperparams, dist: Dist, device: torch.device, cleanup: contextlib.
     if H.track_latents:  # a model without a 2-D latent: one line before any folder is written
         with torch.device("meta"):
             require_2d_latent(build_model(H), "--track_latents", "this run")
-    user_chose_folder = bool(H.save_dir or H.restore)
-    run_dir = Path(dist.broadcast(str(choose_run_dir(H)) if dist.main else None))  # rank 0 picks, all agree
     H.save_dir = str(run_dir)
-    # what --restore names is read and checked against this model before anything is written
+    # what --restore names is read and checked against this model, and the stages planned, before anything is written
     warnings: list[str] = []
     resume = checkpoint_to_resume(H, run_dir, warnings.append)
     if resume is not None:
         check_same_model(*resume, H)
+    # one stage for most families; the vqvae trains its autoencoder, then its prior, each with its own optimiser,
+    # steps and checkpoints in this run folder (the step count runs on through both)
+    stages = FAMILY_STAGES[H.model]
+    run_stages, begin = plan_stages(H, stages, resume)
     lock = RunFolderLock(run_dir)  # one trainer per folder (rank 0 holds it for the job), for the whole run
     if dist.main:
         create_run_dir(run_dir)
@@ -576,11 +583,7 @@ def train(H: Hyperparams, dist: Dist, device: torch.device, cleanup: contextlib.
         trajectory = LatentTrajectory(run_dir / "latents.gif", data.class_names, earlier)
         tracked = tracked_images(data.test, H.track_latents)
 
-    # ---- speed settings and the stages to train ---------------------------------------------------
-    # one stage for most families; the vqvae trains its autoencoder, then its prior, each with its own optimiser,
-    # steps and checkpoints in this run folder (the step count runs on through both)
-    stages = FAMILY_STAGES[H.model]
-    run_stages, begin = plan_stages(H, stages, resume)
+    # ---- speed settings ----------------------------------------------------------------------------
     steps_per_epoch = len(data.train) // global_batch
 
     def stage_total(stage: str) -> float:  # the stage's steps, at most num_epochs epochs

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -102,6 +103,77 @@ def add_checkpoint_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a command writes: checked before the work, creating nothing
+# ---------------------------------------------------------------------------------------------
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _cannot_create_in(folder: Path) -> str | None:
+    """Why no file can be created in the existing ``folder`` (None: one can). Found by creating one and removing
+    it: permission bits say nothing to root, nor of a read-only mount or /proc."""
+    try:
+        handle, name = tempfile.mkstemp(dir=folder, prefix=".write-check-")
+    except OSError as err:
+        return f"no file can be created in {folder} ({err.strerror or err})"
+    os.close(handle)
+    os.unlink(name)
+    return None
+
+
+def check_output_file(path, parent_must_exist: bool = False) -> Path:
+    """Refuse, before any work, a file that could not be written later: a folder in its place, a file where its
+    folder should be, or a place no file can be created in. Creates nothing (its missing folders are made when it
+    is written, unless ``parent_must_exist``)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"cannot write {path}: a folder of that name exists")
+    if parent_must_exist and not path.parent.is_dir():
+        raise UserError(f"cannot write {path}: no folder {path.parent}")
+    base = _nearest_existing(path.parent)
+    if not base.is_dir():
+        raise UserError(f"cannot write {path}: {base} is a file, not a folder")
+    reason = _cannot_create_in(base)
+    if reason:
+        raise UserError(f"cannot write {path}: {reason}")
+    return path
+
+
+def check_output_folder(path, flag: str, empty: bool = False) -> Path:
+    """Refuse, before any work, a folder that could not be written into later (with ``empty``, also one that
+    already holds files). Creates nothing."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or (empty and any(path.iterdir()))):
+        if empty:
+            raise UserError(f"{flag} {path} already exists and is not an empty folder: name a new one")
+        raise UserError(f"cannot create {flag} {path}: a file of that name exists")
+    base = _nearest_existing(path)
+    if not base.is_dir():
+        raise UserError(f"cannot create {flag} {path}: {base} is a file, not a folder")
+    reason = _cannot_create_in(base)
+    if reason:
+        raise UserError(f"cannot create {flag} {path}: {reason}")
+    return path
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse, before the model is loaded, a port that cannot be served on (taken, or not this machine's)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: a closing port is free
+            s.bind((host, port))
+    except OSError as err:
+        raise UserError(f"cannot serve on {host}:{port}: {err.strerror or err}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,9 +417,7 @@ def check_empty_folder(root, flag: str) -> None:
     """Before any work: refuse a folder that already holds files (writing into it could overwrite earlier samples
     or mix two runs' images under one manifest), and create it, so that an unwritable place fails now rather
     than after the sampling."""
-    root = Path(root)
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise UserError(f"{flag} {root} already exists and is not an empty folder: name a new one")
+    root = check_output_folder(root, flag, empty=True)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:

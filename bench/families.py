@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hps import MODELS  # noqa: E402
-from utils import UserError, read_metrics, run_cli  # noqa: E402
+from utils import UserError, check_output_file, check_output_folder, read_metrics, run_cli  # noqa: E402
 
 KEYS = ("test_bpd", "test_bpd_iw", "gen_class_acc", "class_consistency", "params", "train_seconds", "perplexity")
 
@@ -84,6 +84,10 @@ def main(argv: list[str]) -> None:
     unknown = [n for n in names if n not in MODELS]
     if unknown or not names:
         raise UserError(f"unknown family {unknown[0] if unknown else '(none)'!r}; valid: {', '.join(MODELS)}")
+    if args.out:  # every output checked before the first family trains
+        check_output_folder(args.out, "--out")
+    for name in names if args.pictures else ():
+        check_output_file(args.pictures.replace("NAME", name))
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="families-"))
     results = {}
     for name in names:

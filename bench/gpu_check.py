@@ -52,7 +52,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from utils import UserError, run_cli  # noqa: E402
+from utils import UserError, check_output_folder, run_cli  # noqa: E402
 
 # A cifar10-shaped model small enough for the CPU: every code path of the real one, in seconds
 TINY_ARCH = ["--width", "16", "--zdim", "4", "--enc_blocks", "32x1,32d2,16x1,16d2,8x1,8d8,1x1",
@@ -680,6 +680,9 @@ def main(argv: list[str]) -> None:
     if unknown:
         raise UserError(f"unknown section {unknown[0]!r}; valid: {', '.join(n for n, *_ in SECTIONS)}")
 
+    check_output_folder(args.out, "--out")  # both checked before anything is written
+    if args.work:
+        check_output_folder(args.work, "--work")
     c = Check(args)
     write_cifar10(c.work / "data")
     for name, function, least in SECTIONS:
