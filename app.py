@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from sampling import RUNNERS, Session, build_parser, parse_classes, sample_batched
-from utils import CliParser, UserError, add_checkpoint_flags, check_port_free, run_cli, save_grid
+from images import save_grid
+from utils import CliParser, UserError, add_checkpoint_flags, check_port_free, run_cli
 
 PICK_BATCH = 9  # NVAE's cherry-picking shows 3x3 samples at a time
 DISPLAY_SIDE = 96  # small images are enlarged (nearest neighbour) for the page
@@ -190,88 +191,117 @@ def build_page(app: App):
     import gradio as gr
 
     classes = ["all", *app.class_names] if app.class_names else ["all"]
-    first = app.class_names[0] if app.class_names else "all"
     with gr.Blocks(title="class-conditional VDVAE") as page:
         gr.Markdown(f"### {app.session.model.family} on {app.session.H.dataset}: "
                     f"{len(app.class_names)} classes" if app.class_names else f"### {app.session.model.family}")
-        with gr.Tab("Sample"):
-            with gr.Row():
-                s_class = gr.Dropdown(classes, value="all", label="class")
-                s_n = gr.Slider(1, 16, value=8, step=1, label="samples per class")
-                s_seed = gr.Number(0, precision=0, label="seed")
-            s_t = gr.Slider(0.05, 1.5, value=1.0, step=0.05, label="temperature")
-            s_per_res = gr.Checkbox(False, label="a temperature per resolution",
-                                    visible=bool(app.resolutions))
-            s_res = [gr.Slider(0.05, 1.5, value=1.0, step=0.05, label=f"{r}x{r}", visible=bool(app.resolutions))
-                     for r in app.resolutions]
-            s_go = gr.Button("Sample", variant="primary", elem_id="sample-button")
-            s_out = gr.Image(label="samples", type="filepath", elem_id="sample-output")
-            s_go.click(shown_errors(app.sample), [s_class, s_n, s_seed, s_t, s_per_res, *s_res], s_out,
-                       api_name="sample")
-        with gr.Tab("Cherry-pick"):
-            state = gr.State({})
-            with gr.Row():
-                c_class = gr.Dropdown(classes[1:] or ["all"], value=first, label="class")
-                c_t = gr.Slider(0.05, 1.5, value=1.0, step=0.05, label="temperature")
-                c_seed = gr.Number(0, precision=0, label="first seed")
-                c_target = gr.Slider(1, 36, value=PICK_BATCH, step=1, label="selection size")
-            c_draw = gr.Button("Draw 3x3", variant="primary")
-            c_pool = gr.Gallery(label="click a sample to keep it", columns=3, height="auto", allow_preview=False)
-            c_status = gr.Markdown(App.status({}))
-            c_index = gr.Number(0, precision=0, label="or keep sample number (0-8)")
-            c_keep = gr.Button("Keep")
-            c_kept = gr.Gallery(label="selection", columns=6, height="auto", allow_preview=False)
-            with gr.Row():
-                c_order = gr.Textbox(label="new order (positions, e.g. 2,0,1)")
-                c_reorder = gr.Button("Reorder")
-                c_clear = gr.Button("Clear")
-            c_export = gr.Button("Make the grid")
-            c_grid = gr.Image(label="final grid", type="filepath")
-            c_file = gr.File(label="download")
-            c_draw.click(shown_errors(app.draw), [c_class, c_t, c_seed, state], [c_pool, state, c_status],
-                         api_name="draw")
-            c_keep.click(shown_errors(app.keep), [c_index, state], [c_kept, state, c_status], api_name="keep")
-
-            def keep_clicked(state, evt):  # a click on a sample of the draw: Gradio passes which one
-                return shown_errors(app.keep)(evt.index, state)
-            keep_clicked.__annotations__ = {"state": dict, "evt": gr.SelectData}  # real types, not strings
-            c_pool.select(keep_clicked, [state], [c_kept, state, c_status], api_visibility="private")
-            c_target.change(shown_errors(app.set_target), [c_target, state], [state, c_status], api_name="target")
-            c_reorder.click(shown_errors(app.reorder), [c_order, state], [c_kept, state, c_status], api_name="reorder")
-            c_clear.click(shown_errors(app.clear), [state], [c_kept, state, c_status], api_name="clear")
-            c_export.click(shown_errors(app.export), [state], [c_grid, c_file], api_name="export")
+        sample_tab(app, classes)
+        cherry_pick_tab(app, classes)
         held_out_tab("Reconstruct", 6, "top-k latent groups from the image (comma-separated; empty: 0, 1, 2, 4, ...)",
                      "input, then each k", app.recon, "recon")
         if "prior_noise" in app.abilities:
-            with gr.Tab("Interpolate"):
-                with gr.Row():
-                    i_between = gr.Radio(["two held-out images", "two seeds", "two classes"],
-                                         value="two held-out images", label="between")
-                    i_value = gr.Textbox(label="which two (indices, seeds or classes, comma-separated; empty: "
-                                               "drawn with the seed)")
-                    i_frames = gr.Slider(2, 32, value=10, step=1, label="frames")
-                    i_seed = gr.Number(0, precision=0, label="seed")
-                i_go = gr.Button("Interpolate", variant="primary")
-                i_png = gr.Image(label="strip", type="filepath")
-                i_gif = gr.Image(label="animation", type="filepath")
-                i_go.click(shown_errors(app.interp), [i_between, i_value, i_frames, i_seed], [i_png, i_gif],
-                           api_name="interp")
+            interpolate_tab(app)
             held_out_tab("Class swap", 4, "target classes (comma-separated; empty: all)",
                          "each image under each class", app.swap, "swap")
         else:
             gr.Markdown(f"Interpolation and class swap need prior noise, which the {app.session.model.family} "
                         f"family does not have.")
         if "manifold" in app.abilities:  # a cvae or vlae with a 2-D latent
-            with gr.Tab("Manifold"):
-                with gr.Row():
-                    m_class = gr.Dropdown(classes[1:] or ["all"], value=first, label="class")
-                    m_n = gr.Slider(3, 30, value=15, step=1, label="grid side")
-                    m_draws = gr.Slider(1, 32, value=8, step=1, label="pixel draws averaged per cell")
-                    m_t = gr.Slider(0.05, 1.5, value=1.0, step=0.05, label="temperature (spread of the grid)")
-                m_go = gr.Button("Draw the manifold", variant="primary")
-                m_out = gr.Image(label="the latent grid at the prior's quantiles", type="filepath")
-                m_go.click(shown_errors(app.manifold), [m_class, m_n, m_draws, m_t], m_out, api_name="manifold")
+            manifold_tab(app, classes)
     return page
+
+
+def sample_tab(app: App, classes: list[str]) -> None:
+    """Samples of a class, with one temperature or one per latent resolution."""
+    import gradio as gr
+
+    with gr.Tab("Sample"):
+        with gr.Row():
+            s_class = gr.Dropdown(classes, value="all", label="class")
+            s_n = gr.Slider(1, 16, value=8, step=1, label="samples per class")
+            s_seed = gr.Number(0, precision=0, label="seed")
+        s_t = gr.Slider(0.05, 1.5, value=1.0, step=0.05, label="temperature")
+        s_per_res = gr.Checkbox(False, label="a temperature per resolution",
+                                visible=bool(app.resolutions))
+        s_res = [gr.Slider(0.05, 1.5, value=1.0, step=0.05, label=f"{r}x{r}", visible=bool(app.resolutions))
+                 for r in app.resolutions]
+        s_go = gr.Button("Sample", variant="primary", elem_id="sample-button")
+        s_out = gr.Image(label="samples", type="filepath", elem_id="sample-output")
+        s_go.click(shown_errors(app.sample), [s_class, s_n, s_seed, s_t, s_per_res, *s_res], s_out,
+                   api_name="sample")
+
+
+def cherry_pick_tab(app: App, classes: list[str]) -> None:
+    """NVAE's workflow: draw 3x3, keep the samples worth keeping, draw again until the selection is full."""
+    import gradio as gr
+
+    first = app.class_names[0] if app.class_names else "all"
+    with gr.Tab("Cherry-pick"):
+        state = gr.State({})
+        with gr.Row():
+            c_class = gr.Dropdown(classes[1:] or ["all"], value=first, label="class")
+            c_t = gr.Slider(0.05, 1.5, value=1.0, step=0.05, label="temperature")
+            c_seed = gr.Number(0, precision=0, label="first seed")
+            c_target = gr.Slider(1, 36, value=PICK_BATCH, step=1, label="selection size")
+        c_draw = gr.Button("Draw 3x3", variant="primary")
+        c_pool = gr.Gallery(label="click a sample to keep it", columns=3, height="auto", allow_preview=False)
+        c_status = gr.Markdown(App.status({}))
+        c_index = gr.Number(0, precision=0, label="or keep sample number (0-8)")
+        c_keep = gr.Button("Keep")
+        c_kept = gr.Gallery(label="selection", columns=6, height="auto", allow_preview=False)
+        with gr.Row():
+            c_order = gr.Textbox(label="new order (positions, e.g. 2,0,1)")
+            c_reorder = gr.Button("Reorder")
+            c_clear = gr.Button("Clear")
+        c_export = gr.Button("Make the grid")
+        c_grid = gr.Image(label="final grid", type="filepath")
+        c_file = gr.File(label="download")
+        c_draw.click(shown_errors(app.draw), [c_class, c_t, c_seed, state], [c_pool, state, c_status],
+                     api_name="draw")
+        c_keep.click(shown_errors(app.keep), [c_index, state], [c_kept, state, c_status], api_name="keep")
+
+        def keep_clicked(state, evt):  # a click on a sample of the draw: Gradio passes which one
+            return shown_errors(app.keep)(evt.index, state)
+        keep_clicked.__annotations__ = {"state": dict, "evt": gr.SelectData}  # real types, not strings
+        c_pool.select(keep_clicked, [state], [c_kept, state, c_status], api_visibility="private")
+        c_target.change(shown_errors(app.set_target), [c_target, state], [state, c_status], api_name="target")
+        c_reorder.click(shown_errors(app.reorder), [c_order, state], [c_kept, state, c_status], api_name="reorder")
+        c_clear.click(shown_errors(app.clear), [state], [c_kept, state, c_status], api_name="clear")
+        c_export.click(shown_errors(app.export), [state], [c_grid, c_file], api_name="export")
+
+
+def interpolate_tab(app: App) -> None:
+    """Between two held-out images, two seeds or two classes: a strip and an animation."""
+    import gradio as gr
+
+    with gr.Tab("Interpolate"):
+        with gr.Row():
+            i_between = gr.Radio(["two held-out images", "two seeds", "two classes"],
+                                 value="two held-out images", label="between")
+            i_value = gr.Textbox(label="which two (indices, seeds or classes, comma-separated; empty: "
+                                       "drawn with the seed)")
+            i_frames = gr.Slider(2, 32, value=10, step=1, label="frames")
+            i_seed = gr.Number(0, precision=0, label="seed")
+        i_go = gr.Button("Interpolate", variant="primary")
+        i_png = gr.Image(label="strip", type="filepath")
+        i_gif = gr.Image(label="animation", type="filepath")
+        i_go.click(shown_errors(app.interp), [i_between, i_value, i_frames, i_seed], [i_png, i_gif],
+                   api_name="interp")
+
+
+def manifold_tab(app: App, classes: list[str]) -> None:
+    """A 2-D latent decoded on a grid at the prior's quantiles."""
+    import gradio as gr
+
+    first = app.class_names[0] if app.class_names else "all"
+    with gr.Tab("Manifold"):
+        with gr.Row():
+            m_class = gr.Dropdown(classes[1:] or ["all"], value=first, label="class")
+            m_n = gr.Slider(3, 30, value=15, step=1, label="grid side")
+            m_draws = gr.Slider(1, 32, value=8, step=1, label="pixel draws averaged per cell")
+            m_t = gr.Slider(0.05, 1.5, value=1.0, step=0.05, label="temperature (spread of the grid)")
+        m_go = gr.Button("Draw the manifold", variant="primary")
+        m_out = gr.Image(label="the latent grid at the prior's quantiles", type="filepath")
+        m_go.click(shown_errors(app.manifold), [m_class, m_n, m_draws, m_t], m_out, api_name="manifold")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

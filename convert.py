@@ -20,7 +20,8 @@ from pathlib import Path
 
 # the conversion itself lives in models.py, beside the registry, where every entry point loads weights from
 from models import OPENAI_PRESETS, checkpoint_from_openai, write_safetensors
-from utils import CliParser, UserError, atomic_torch_save, check_output_file, run_cli
+from checkpoint import atomic_torch_save
+from utils import CliParser, UserError, check_output_file, run_cli
 
 
 def build_parser() -> CliParser:

@@ -11,10 +11,9 @@ and decoder, but p(z | y) is a MADE-based autoregressive flow (Germain et al. 20
 normal noise, eps_i = z_i * sigma_i(z_<i, y) + mu_i(z_<i, y). A flexible prior can match the aggregate posterior
 that the N(0, I) prior of the cvae can only approximate, which is what lowers the KL term of the ELBO.
 
-Both meet the contract of vae.VAE (forward, log_importance_weights, sample, prior_noise_of, reconstruct, the
-latent layout, noise shards; see /work/shared/DESIGN.md), so every entry point treats them alike. Inputs and
-output levels are scaled by the same functions as the VDVAE's (vae_helpers.preprocess_images and
-levels_to_uint8), and the likelihood, KL and log-densities run in float32 even under autocast.
+Both derive from family.Family, the contract every family meets (it also scales inputs and output levels, the
+same way for every family), so every entry point treats them alike. The likelihood, KL and log-densities run in
+float32 even under autocast.
 """
 from __future__ import annotations
 
@@ -25,10 +24,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from family import Family
 from hps import Hyperparams
 from vae import OutputNet
-from vae_helpers import (SingleStage, check_family_settings, draw_gaussian_diag_samples, elbo_report,
-                         gaussian_analytical_kl, gaussian_log_prob, levels_to_uint8, preprocess_images,
+from vae_helpers import (draw_gaussian_diag_samples, elbo_report, gaussian_analytical_kl, gaussian_log_prob,
                          without_autocast)
 
 # The conv stacks stride down to (and up from) a 4x4 map: image sizes are powers of two >= 8.
@@ -124,7 +123,7 @@ class ConvDecoder(nn.Module):
         return self.convs(h)
 
 
-class CVAE(SingleStage, nn.Module):
+class CVAE(Family):
     """The conditional VAE: one Gaussian latent vector, conv encoder and decoder, prior N(0, I).
 
     Losses are in bits per dimension exactly as vae.VAE's: nats per image divided by the scored dimensions and
@@ -137,44 +136,18 @@ class CVAE(SingleStage, nn.Module):
     abilities = frozenset({"prior_noise"})
 
     def __init__(self, H: Hyperparams):
-        super().__init__()
-        check_family_settings(H, type(self))
-        self.H = H
+        super().__init__(H)
         self.zdim = H.zdim
         self.n_classes = H.n_classes
         self.encoder = ConvEncoder(H)
         self.decoder = ConvDecoder(H)
-        self.noise_shard: tuple[int | torch.Tensor, int] = (0, 1)
         if H.zdim == 2:  # a 2-D latent can be shown as a manifold of decoded images, and its posterior means plotted
             self.abilities = type(self).abilities | {"manifold"}
 
-    # ---- the latent layout (the same methods on every family) ---------------------------------
-    @property
-    def n_groups(self) -> int:
-        """One latent group: the vector z."""
-        return 1
-
+    # ---- the latent layout: one group, the vector z -------------------------------------------
     def latent_shapes(self) -> list[tuple[int, ...]]:
+        """The one latent group: the vector z of ``zdim`` dimensions."""
         return [(self.zdim,)]
-
-    def scored_dims(self, image_shape: Sequence[int]) -> float:
-        """Dimensions the likelihood scores per image of shape (C, H, W) (bits/dim divides by these)."""
-        return self.decoder.out_net.scored_dims(image_shape)
-
-    def set_noise_shard(self, index: int | torch.Tensor, count: int) -> None:
-        """From now on the posterior's standard-normal noise is slice ``index`` of a draw for ``count`` batches
-        (see draw_gaussian_diag_samples), so ranks and accumulation passes together draw what one process with
-        the global batch would. ``index`` may be a 0-dim tensor updated in place."""
-        self.noise_shard = (index, count)
-
-    # ---- data scaling (shared with the VDVAE) --------------------------------------------------
-    def preprocess(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 images (B, C, H, W) in 0..255 -> (encoder input, likelihood target in [-1, 1])."""
-        return preprocess_images(self.H, images)
-
-    def levels_to_uint8(self, levels: torch.Tensor) -> torch.Tensor:
-        """Integer pixel levels 0..L-1 -> uint8 0..255 for display and saving."""
-        return levels_to_uint8(self.H, levels)
 
     # ---- the prior: N(0, I) here; the VLAE overrides these four -------------------------------
     def prior_log_prob(self, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
@@ -219,13 +192,7 @@ class CVAE(SingleStage, nn.Module):
                       noises: Sequence[torch.Tensor | None] | None) -> torch.Tensor:
         """z for ``n`` images from the prior: eps (given or drawn), scaled by the temperature, pushed through the
         prior's inverse map. A temperature t draws eps from N(0, t^2 I), as VAE's prior groups do."""
-        if isinstance(temperature, (int, float)):
-            t = float(temperature)
-        else:
-            temps = [float(v) for v in temperature]
-            if len(temps) != 1:
-                raise ValueError(f"expected 1 temperature (one latent group), got {len(temps)}")
-            t = temps[0]
+        t = self._group_temperatures(temperature)[0]
         ref = self.decoder.fc[0].weight  # the parameters' device and dtype (float32 unless the model was cast)
         noise = noises[0] if noises is not None else None
         if noise is None:

@@ -67,8 +67,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from hps import DATASET_SHAPES, parse_layer_string
 from utils import UserError
-from vae_helpers import parse_layer_string
 
 DATASETS = ("cifar10", "cifar100", "mnist", "svhn", "celeba64", "imagenet32", "imagenet64", "ffhq256", "ffhq1024",
             "folder", "digits")
@@ -503,7 +503,8 @@ def load_mnist(root: Path) -> Data:
             raise UserError(f"MNIST {split} files {paths[f'{split}_x']} {tuple(x.shape)} and {paths[f'{split}_y']} "
                             f"{tuple(y.shape)} are not N 28x28 images with N labels")
         _check_labels(y, 10, paths[f"{split}_y"])
-        parts[split] = (np.pad(x, ((0, 0), (2, 2), (2, 2)))[:, None], y)  # black border: 32x32 like the others
+        pad = DATASET_SHAPES["mnist"].pad  # the black border the likelihood leaves out: 32x32 like the others
+        parts[split] = (np.pad(x, ((0, 0), (pad, pad), (pad, pad)))[:, None], y)
     rows = _holdout(len(parts["train"][0]), MNIST_VALID, MNIST_SPLIT_SEED)
     return _in_memory(parts["train"], rows, parts["test"], [str(d) for d in range(10)])
 
@@ -1030,10 +1031,9 @@ def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generato
 
 
 # ---------------------------------------------------------------------------------------------
-# What a model's settings ask of its data: the size, the padding the likelihood skips, binarization
+# What a model's settings ask of its data: the size and binarization (hps.DATASET_SHAPES: the padding)
 # ---------------------------------------------------------------------------------------------
 
-DATASET_PADDING = {"mnist": 2}  # zero pixels around each image that the likelihood leaves out
 BINARIZE_SEED = 0  # held-out binarized images are drawn once, the same for every run and evaluation
 
 

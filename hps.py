@@ -3,22 +3,66 @@
     python train.py --hps cifar10 --n_batch 8 --lr 1e-4
 
 ``--hps NAME`` picks a preset; every field can then be overridden by ``--field value``. A mistyped
-preset or field is an error that lists the valid ones, never a silent None.
+preset or field is an error that lists the valid ones, never a silent None. A preset may name a ``base``
+preset whose values it starts from.
+
+Also here, because they are the syntax and the meaning of hyperparameters: the block-spec parser
+(``parse_layer_string``), the likelihood names, which fields shape the model (``MODEL_FIELDS``), each dataset's
+image shape (``DATASET_SHAPES``), and the filling of the fields the data decides (``fill_derived``).
+This module imports no other module of the project but utils, so everything else may import it.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from utils import CliParser, UserError
-from vae_helpers import LIKELIHOODS, parse_layer_string
+
+# ---------------------------------------------------------------------------------------------
+# Block specs and likelihoods: the syntax of --enc_blocks/--dec_blocks and the values of --likelihood
+# ---------------------------------------------------------------------------------------------
+
+_SPEC_ITEM = re.compile(r"^(\d+)(?:([xmd])(\d+))?$")
+LIKELIHOODS = ("dmol", "bernoulli", "gaussian")  # vae_helpers computes each
 
 
-def _f(default: Any, help: str, derived: bool = False):  # noqa: A002 - mirrors argparse's name
-    return field(default=default, metadata={"help": help, "derived": derived})
+def parse_layer_string(spec: str) -> list[tuple[int, int | None]]:
+    """Parse a block spec such as ``32x11,32d2,16x6`` or ``1x1,4m1,4x2`` into (resolution, arg) pairs.
+
+    ``RxN`` is N blocks at resolution R; ``RdK`` is one block at R followed by average pooling by K;
+    ``RmS`` is one decoder block at R whose input is the state at resolution S upsampled (mixin).
+    Plain ``R`` is a single block. The arg is the down rate or mixin resolution, else None.
+    """
+    layers: list[tuple[int, int | None]] = []
+    for item in spec.split(","):
+        match = _SPEC_ITEM.match(item.strip())
+        if not match:
+            raise ValueError(f"bad block spec item {item!r} in {spec!r}: expected R, RxN, RdK or RmS")
+        res, op, num = int(match.group(1)), match.group(2), match.group(3)
+        if op == "x":
+            layers += [(res, None)] * int(num)
+        elif op in ("m", "d"):
+            layers.append((res, int(num)))
+        else:
+            layers.append((res, None))
+    return layers
+
+
+# ---------------------------------------------------------------------------------------------
+# The fields
+# ---------------------------------------------------------------------------------------------
+
+
+def _f(default: Any, help: str, derived: bool = False, model: bool = False) -> Any:  # noqa: A002 - argparse's name
+    """A field with its ``--help`` text. ``derived``: filled from the data at start-up, not settable. ``model``: it
+    fixes the shapes of the weights or what the model computes from them (its input normalisation, likelihood and
+    targets), so a checkpoint resumes only into the same value (``MODEL_FIELDS``)."""
+    return field(default=default, metadata={"help": help, "derived": derived, "model": model})
 
 
 @dataclass
@@ -26,43 +70,45 @@ class Hyperparams:
     """Every setting of a run. Unknown attributes cannot be set or read."""
 
     # data
-    dataset: str = _f("cifar10", "dataset to train on (see data.DATASETS; each preset names its own)")
+    dataset: str = _f("cifar10", "dataset to train on (see data.DATASETS; each preset names its own)", model=True)
     data_root: str = _f("./data", "folder holding (or receiving) the dataset files")
-    pixel_levels: int = _f(256, "number of pixel levels the likelihood models (256 for 8-bit, 17 for digits)")
-    data_shift: float = _f(-120.63838, "encoder input is (x + data_shift) * data_scale, x in 0..255")
-    data_scale: float = _f(1.0 / 64.16736, "encoder input is (x + data_shift) * data_scale, x in 0..255")
+    pixel_levels: int = _f(256, "number of pixel levels the likelihood models (256 for 8-bit, 17 for digits)",
+                           model=True)
+    data_shift: float = _f(-120.63838, "encoder input is (x + data_shift) * data_scale, x in 0..255", model=True)
+    data_scale: float = _f(1.0 / 64.16736, "encoder input is (x + data_shift) * data_scale, x in 0..255", model=True)
     n_classes: int = _f(10, "classes (or attributes) to condition on: the dataset's count, 0 for an unconditional "
-                        "model, or -1: whatever count the data has (the folder preset)")
+                        "model, or -1: whatever count the data has (the folder preset)", model=True)
     likelihood: str = _f("dmol", "pixel likelihood: dmol (discretized mixture of logistics), bernoulli (binarized "
                          "data: the training images are binarized afresh each step, held-out ones once with a "
-                         "fixed seed) or gaussian (discretized, over the pixel levels)")
+                         "fixed seed) or gaussian (discretized, over the pixel levels)", model=True)
     vdvae_5bit: bool = _f(False, "openai/vdvae's 5-bit FFHQ-256 targets, floor(x/8)*8 scaled by 127.5, so its "
                           "published checkpoint evaluates to its published number (set by the converter; needs "
-                          "--pixel_levels 32; not a normalised distribution, so not for new runs)")
+                          "--pixel_levels 32; not a normalised distribution, so not for new runs)", model=True)
     gaussian_std: float = _f(0.0, "gaussian likelihood: fixed standard deviation on the [-1, 1] scale (0: learned "
-                             "per pixel)")
+                             "per pixel)", model=True)
     # model
     model: str = _f("vdvae", "which model family: vdvae (the hierarchical VAE), cvae (one Gaussian latent vector, "
                     "conv encoder and decoder), vlae (the cvae with an autoregressive-flow prior) or vqvae (a VQ-VAE "
-                    "with a class-conditional gated PixelCNN prior over its codes, trained in two stages)")
-    width: int = _f(384, "channels of the residual stream (cvae/vlae/vqvae: of the decoder's last features)")
-    custom_width_str: str = _f("", "per-resolution widths, e.g. '32:256,16:384' (empty: width everywhere)")
-    enc_blocks: str = _f("32x11,32d2,16x6,16d2,8x6,8d2,4x3,4d4,1x3", "encoder block spec (RxN, RdK)")
-    dec_blocks: str = _f("1x1,4m1,4x2,8m4,8x5,16m8,16x10,32m16,32x21", "decoder block spec (RxN, RmS)")
-    zdim: int = _f(16, "latent channels per decoder block")
-    bottleneck_multiple: float = _f(0.25, "bottleneck width of a block as a fraction of its width")
-    num_mixtures: int = _f(10, "logistic components of the output distribution")
-    no_bias_above: int = _f(64, "learned initial decoder states only for resolutions up to this")
+                    "with a class-conditional gated PixelCNN prior over its codes, trained in two stages)", model=True)
+    width: int = _f(384, "channels of the residual stream (cvae/vlae/vqvae: of the decoder's last features)",
+                    model=True)
+    custom_width_str: str = _f("", "per-resolution widths, e.g. '32:256,16:384' (empty: width everywhere)", model=True)
+    enc_blocks: str = _f("32x11,32d2,16x6,16d2,8x6,8d2,4x3,4d4,1x3", "encoder block spec (RxN, RdK)", model=True)
+    dec_blocks: str = _f("1x1,4m1,4x2,8m4,8x5,16m8,16x10,32m16,32x21", "decoder block spec (RxN, RmS)", model=True)
+    zdim: int = _f(16, "latent channels per decoder block", model=True)
+    bottleneck_multiple: float = _f(0.25, "bottleneck width of a block as a fraction of its width", model=True)
+    num_mixtures: int = _f(10, "logistic components of the output distribution", model=True)
+    no_bias_above: int = _f(64, "learned initial decoder states only for resolutions up to this", model=True)
     conv_width: int = _f(64, "cvae/vlae/vqvae: channels of the conv encoder's first stage (doubling at each "
-                         "stride-2 stage, mirrored by the decoder)")
-    made_hidden: int = _f(512, "vlae: units in each of the two hidden layers of the prior's MADE")
-    codebook_size: int = _f(128, "vqvae: K, the codebook's entries")
-    code_dim: int = _f(256, "vqvae: D, the dimension of each code vector")
+                         "stride-2 stage, mirrored by the decoder)", model=True)
+    made_hidden: int = _f(512, "vlae: units in each of the two hidden layers of the prior's MADE", model=True)
+    codebook_size: int = _f(128, "vqvae: K, the codebook's entries", model=True)
+    code_dim: int = _f(256, "vqvae: D, the dimension of each code vector", model=True)
     commitment_beta: float = _f(0.25, "vqvae: weight of the commitment loss that pulls the encoder to its codes")
     vq_downsample: int = _f(0, "vqvae: stride-2 stages from the image to the code grid (0: 1 for images of 8 "
-                            "pixels or fewer, else 2: 32x32 -> an 8x8 grid)")
-    prior_channels: int = _f(64, "vqvae: channels of the gated PixelCNN prior (and of its code embedding)")
-    prior_layers: int = _f(12, "vqvae: gated residual blocks of the PixelCNN prior")
+                            "pixels or fewer, else 2: 32x32 -> an 8x8 grid)", model=True)
+    prior_channels: int = _f(64, "vqvae: channels of the gated PixelCNN prior (and of its code embedding)", model=True)
+    prior_layers: int = _f(12, "vqvae: gated residual blocks of the PixelCNN prior", model=True)
     prior_dropout: float = _f(0.0, "vqvae: dropout on the residual branch of each gated block of the prior")
     # optimisation
     lr: float = _f(2e-4, "peak learning rate of AdamW")
@@ -127,22 +173,26 @@ class Hyperparams:
     temperature: float = _f(1.0, "prior temperature of the sample grid drawn at the end of training")
     # derived at start-up from the data (not settable)
     hps: str = _f("cifar10", "preset these settings started from", derived=True)
-    image_size: int = _f(32, "image height and width", derived=True)
-    image_channels: int = _f(3, "image channels", derived=True)
+    image_size: int = _f(32, "image height and width", derived=True, model=True)
+    image_channels: int = _f(3, "image channels", derived=True, model=True)
     pad: int = _f(0, "zero padding around each image that the likelihood leaves out (MNIST: 28x28 in 32x32)",
-                  derived=True)
-    multi_label: bool = _f(False, "labels are multi-hot attributes (CelebA) rather than one class", derived=True)
+                  derived=True, model=True)
+    multi_label: bool = _f(False, "labels are multi-hot attributes (CelebA) rather than one class", derived=True,
+                           model=True)
 
     def __setattr__(self, name: str, value: Any) -> None:
+        """Set a field; any other name is a typo, an error."""
         if name not in _FIELD_NAMES:
             raise AttributeError(f"unknown hyperparameter {name!r}")
         object.__setattr__(self, name, value)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field by name (what checkpoints store)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "Hyperparams":
+        """The settings ``to_dict`` gave (fields it lacks take their defaults); an unknown name is an error."""
         unknown = sorted(set(values) - _FIELD_NAMES)
         if unknown:
             raise UserError(f"unknown hyperparameters {', '.join(unknown)}")
@@ -150,21 +200,69 @@ class Hyperparams:
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-# (image size, channels) of each dataset as its preset trains it, for code that builds a model without data
-DATASET_IMAGES = {"cifar10": (32, 3), "digits": (8, 1), "mnist": (32, 1), "cifar100": (32, 3), "svhn": (32, 3),
-                  "celeba64": (64, 3), "imagenet32": (32, 3), "imagenet64": (64, 3), "ffhq256": (256, 3),
-                  "ffhq1024": (1024, 3), "folder": (64, 3)}
 GRAD_CHECKPOINTS = ("auto", "none", "gelu", "blocks")
 MODELS = ("vdvae", "cvae", "vlae", "vqvae")  # the model families (the registry builds each)
 # what each family trains in turn, each stage with its own optimiser (the registry checks the families agree)
 FAMILY_STAGES = {"vdvae": ("model",), "cvae": ("model",), "vlae": ("model",), "vqvae": ("autoencoder", "prior")}
 _FIELD_NAMES = frozenset(f.name for f in fields(Hyperparams))
 SETTABLE = [f for f in fields(Hyperparams) if not f.metadata["derived"]]
+# a checkpoint resumes only into settings with the same values of these (declaration order)
+MODEL_FIELDS = [f.name for f in fields(Hyperparams) if f.metadata["model"]]
 
-# Presets are plain data: the fields that differ from Hyperparams' defaults (the defaults are cifar10).
+
+# ---------------------------------------------------------------------------------------------
+# Dataset shapes: what each dataset's images look like to the model
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetShape:
+    """A dataset's images as its preset trains them. The loaders (data.py) produce them so; code that builds a
+    model without reading data (``--summary``, the openai/vdvae converter, benchmarks) takes them from here."""
+
+    image_size: int  # height and width (folder and FFHQ images are resized to the decoder's top resolution)
+    channels: int
+    pad: int = 0  # zero pixels around each image that the likelihood leaves out
+    multi_label: bool = False  # labels are multi-hot attribute vectors rather than one class
+
+
+DATASET_SHAPES: dict[str, DatasetShape] = {  # every dataset data.py loads (data.DATASETS), in its order
+    "cifar10": DatasetShape(32, 3), "cifar100": DatasetShape(32, 3),
+    "mnist": DatasetShape(32, 1, pad=2),  # 28x28 digits zero-padded to 32x32, the size of the others
+    "svhn": DatasetShape(32, 3),
+    "celeba64": DatasetShape(64, 3, multi_label=True),  # its 40 binary attributes
+    "imagenet32": DatasetShape(32, 3), "imagenet64": DatasetShape(64, 3),
+    "ffhq256": DatasetShape(256, 3), "ffhq1024": DatasetShape(1024, 3),
+    "folder": DatasetShape(64, 3),  # the folder preset's size: the decoder's top resolution decides
+    "digits": DatasetShape(8, 1),
+}
+
+
+def dataset_shape(name: str) -> DatasetShape:
+    """The shape of dataset ``name``; an unknown name is an error that lists the known ones."""
+    if name not in DATASET_SHAPES:
+        raise UserError(f"unknown dataset {name!r}; valid: {', '.join(DATASET_SHAPES)}")
+    return DATASET_SHAPES[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets
+# ---------------------------------------------------------------------------------------------
+
+# Presets are plain data: the fields a preset sets, over those of the preset its "base" names (resolved
+# recursively, its own values winning), or over Hyperparams' defaults when it names none. The defaults hold cifar10's
+# values too, so that --help shows them.
 PRESETS: dict[str, dict[str, Any]] = {
-    # openai/vdvae's CIFAR-10 model (Child 2020): 39M parameters, 2.87 bits/dim after ~1M steps.
-    "cifar10": {},
+    # openai/vdvae's CIFAR-10 model (Child 2020): 39M parameters, 2.87 bits/dim after ~1M steps. Its hps.py, with
+    # the normalisation of its data.py (CIFAR-10's pixel mean and standard deviation on the 0..255 scale).
+    "cifar10": dict(
+        dataset="cifar10", pixel_levels=256, data_shift=-120.63838, data_scale=1.0 / 64.16736, n_classes=10,
+        likelihood="dmol", width=384, custom_width_str="", enc_blocks="32x11,32d2,16x6,16d2,8x6,8d2,4x3,4d4,1x3",
+        dec_blocks="1x1,4m1,4x2,8m4,8x5,16m8,16x10,32m16,32x21", zdim=16, bottleneck_multiple=0.25,
+        num_mixtures=10, no_bias_above=64,
+        lr=2e-4, wd=0.01, adam_beta1=0.9, adam_beta2=0.9, warmup_iters=100, lr_decay="none",  # then constant
+        grad_clip=200.0, skip_threshold=400.0, ema_rate=0.9999, n_batch=16,
+    ),
     # scikit-learn's bundled 8x8 digits, modelled at their native 17 grey levels: under 10 CPU minutes.
     # The input shift and scale are the digits' mean and standard deviation on the 0..255 scale.
     "digits": dict(
@@ -198,16 +296,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the class-conditional gated PixelCNN prior (64 channels, 12 blocks). Decoder features of 128 channels feed the
     # 10-logistic DMOL (the paper's decoder gave a Gaussian of fixed variance, so no bits/dim to compare).
     "cifar10_vqvae": dict(
-        model="vqvae", width=128, conv_width=64, codebook_size=128, code_dim=256, prior_channels=64, prior_layers=12,
+        base="cifar10", model="vqvae", width=128, conv_width=64, codebook_size=128, code_dim=256, prior_channels=64,
+        prior_layers=12,
         lr=1e-3, adam_beta2=0.999, wd=0.0, n_batch=128, skip_threshold=-1.0, ema_rate=0.999, max_steps=250000,
         prior_steps=250000, n_batch_eval=256,
     ),
     # CIFAR-10's architecture and optimiser on CIFAR-100's 100 classes. Shift and scale from CIFAR-100's
     # published per-channel statistics (means 0.507, 0.487, 0.441; std about 0.267), pooled over channels.
-    "cifar100": dict(dataset="cifar100", n_classes=100, data_shift=-121.94, data_scale=1.0 / 68.39),
+    "cifar100": dict(base="cifar10", dataset="cifar100", n_classes=100, data_shift=-121.94, data_scale=1.0 / 68.39),
     # SVHN (train split only, without "extra"), CIFAR-10's architecture; published statistics (0.438, 0.444,
     # 0.473; std about 0.198).
-    "svhn": dict(dataset="svhn", n_classes=10, data_shift=-115.48, data_scale=1.0 / 50.56),
+    "svhn": dict(base="cifar10", dataset="svhn", n_classes=10, data_shift=-115.48, data_scale=1.0 / 50.56),
     # CelebA 64x64 conditioned on its 40 binary attributes (a multi-hot vector embedded linearly); a
     # 64x64 stack in the style of imagenet64, narrower. `--n_classes 0` trains it unconditionally.
     "celeba64": dict(
@@ -215,38 +314,43 @@ PRESETS: dict[str, dict[str, Any]] = {
         enc_blocks="64x3,64d2,32x6,32d2,16x6,16d2,8x6,8d2,4x3,4d4,1x3",
         dec_blocks="1x1,4m1,4x2,8m4,8x5,16m8,16x8,32m16,32x12,64m32,64x4", n_batch=16, ema_rate=0.999,
     ),
-    # openai/vdvae's ImageNet-32 model (3.80 bits/dim), class-conditional over the 1,000 classes.
+    # openai/vdvae's ImageNet-32 model (3.80 bits/dim), class-conditional over the 1,000 classes. As in its hps.py,
+    # each of its presets starts from the one before.
     "imagenet32": dict(
-        dataset="imagenet32", n_classes=1000, data_shift=-116.2373, data_scale=1.0 / 69.37404, width=512,
+        base="cifar10", dataset="imagenet32", n_classes=1000, data_shift=-116.2373, data_scale=1.0 / 69.37404,
+        width=512,
         enc_blocks="32x15,32d2,16x9,16d2,8x8,8d2,4x6,4d4,1x6", dec_blocks="1x2,4m1,4x4,8m4,8x9,16m8,16x19,32m16,32x40",
         n_batch=8, lr=1.5e-4, ema_rate=0.999, grad_clip=200.0, skip_threshold=300.0,
     ),
-    # openai/vdvae's ImageNet-64 model (3.52 bits/dim).
+    # openai/vdvae's ImageNet-64 model (3.52 bits/dim): imagenet32's classes, scale, width and optimiser.
     "imagenet64": dict(
-        dataset="imagenet64", n_classes=1000, data_shift=-115.92961967, data_scale=1.0 / 69.37404, width=512,
+        base="imagenet32", dataset="imagenet64", data_shift=-115.92961967,
         enc_blocks="64x11,64d2,32x20,32d2,16x9,16d2,8x8,8d2,4x7,4d4,1x5",
         dec_blocks="1x2,4m1,4x3,8m4,8x7,16m8,16x15,32m16,32x31,64m32,64x12",
-        n_batch=4, lr=1.5e-4, ema_rate=0.999, grad_clip=220.0, skip_threshold=380.0,
+        n_batch=4, grad_clip=220.0, skip_threshold=380.0,
         n_batch_eval=32,
     ),
-    # openai/vdvae's FFHQ-256 model (0.61 bits/dim), unconditional, at 5 bits per channel (32 levels).
+    # openai/vdvae's FFHQ-256 model (0.61 bits/dim), unconditional, at 5 bits per channel (32 levels); imagenet64's
+    # width and optimiser.
     "ffhq256": dict(
-        dataset="ffhq256", n_classes=0, pixel_levels=32, data_shift=-112.8666757481, data_scale=1.0 / 69.84780273,
-        width=512, enc_blocks="256x3,256d2,128x8,128d2,64x12,64d2,32x17,32d2,16x7,16d2,8x5,8d2,4x5,4d4,1x4",
+        base="imagenet64", dataset="ffhq256", n_classes=0, pixel_levels=32, data_shift=-112.8666757481,
+        data_scale=1.0 / 69.84780273,
+        enc_blocks="256x3,256d2,128x8,128d2,64x12,64d2,32x17,32d2,16x7,16d2,8x5,8d2,4x5,4d4,1x4",
         dec_blocks="1x2,4m1,4x3,8m4,8x4,16m8,16x9,32m16,32x21,64m32,64x13,128m64,128x7,256m128",
-        n_batch=1, lr=1.5e-4, ema_rate=0.999, grad_clip=130.0, skip_threshold=180.0,
+        n_batch=1, grad_clip=130.0, skip_threshold=180.0,
         n_batch_eval=8,  # evaluation holds no gradients, but 64 images at 256x256 would need some 17 GB
     ),
-    # openai/vdvae's FFHQ-1024 model (2.42 bits/dim), unconditional, 8-bit; narrow at the top resolutions.
-    # Its normalisation (x/255 - 0.4387) / 0.2743 written on the 0..255 scale.
+    # openai/vdvae's FFHQ-1024 model (2.42 bits/dim), unconditional, 8-bit; narrow at the top resolutions; ffhq256's
+    # batch of one and EMA. Its normalisation (x/255 - 0.4387) / 0.2743 written on the 0..255 scale.
     "ffhq1024": dict(
-        dataset="ffhq1024", n_classes=0, data_shift=-111.8685, data_scale=1.0 / 69.9465, width=16,
+        base="ffhq256", dataset="ffhq1024", pixel_levels=256, data_shift=-111.8685, data_scale=1.0 / 69.9465,
+        width=16,
         custom_width_str="512:32,256:64,128:512,64:512,32:512,16:512,8:512,4:512,1:512", num_mixtures=2,
         enc_blocks="1024x1,1024d2,512x3,512d2,256x5,256d2,128x7,128d2,64x10,64d2,32x14,32d2,16x7,16d2,8x5,8d2,"
                    "4x5,4d4,1x4",
         dec_blocks="1x2,4m1,4x3,8m4,8x4,16m8,16x9,32m16,32x20,64m32,64x14,128m64,128x7,256m128,256x2,512m256,"
                    "1024m512",
-        n_batch=1, lr=7e-5, ema_rate=0.999, grad_clip=360.0, skip_threshold=500.0,
+        lr=7e-5, grad_clip=360.0, skip_threshold=500.0,
         n_batch_eval=1,
     ),
     # Any image folder (--data_root): classes from its sub-folders (or none), images centre-cropped and resized
@@ -259,7 +363,43 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+PRESET_BASE = "base"  # the key of a preset that names the preset it starts from
+
+
+def resolve_presets(presets: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each preset's own values over those of its base, recursively (without the base key). An unknown base or
+    field, or a cycle of bases, is a ValueError: a mistake in the table, caught when this module is imported."""
+    resolved: dict[str, dict[str, Any]] = {}
+
+    def resolve(name: str, chain: tuple[str, ...]) -> dict[str, Any]:
+        if name in chain:
+            raise ValueError(f"presets {' -> '.join(chain + (name,))} form a cycle of bases")
+        if name not in resolved:
+            own = dict(presets[name])
+            base = own.pop(PRESET_BASE, None)
+            if base is not None and base not in presets:
+                raise ValueError(f"preset {name!r} names an unknown base {base!r}; valid: {', '.join(presets)}")
+            unknown = sorted(set(own) - {f.name for f in SETTABLE})
+            if unknown:
+                raise ValueError(f"preset {name!r} sets unknown or derived fields {', '.join(unknown)}")
+            resolved[name] = {**(resolve(base, chain + (name,)) if base is not None else {}), **own}
+        return resolved[name]
+
+    for name in presets:
+        resolve(name, ())
+    return resolved
+
+
+_RESOLVED_PRESETS = resolve_presets(PRESETS)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------
+
+
 def _parse_bool(text: str) -> bool:
+    """A boolean flag's value: 1/true/yes/on or 0/false/no/off, in any case."""
     if text.lower() in ("1", "true", "yes", "on"):
         return True
     if text.lower() in ("0", "false", "no", "off"):
@@ -268,6 +408,7 @@ def _parse_bool(text: str) -> bool:
 
 
 def _unknown_field_message(args: list[str]) -> str:
+    """The error for unrecognised arguments: the first, the closest valid field, and every valid field."""
     names = [a.split("=")[0].lstrip("-") for a in args if a.startswith("--")]
     bad = names[0] if names else args[0]
     valid = ["hps"] + [f.name for f in SETTABLE]
@@ -297,7 +438,7 @@ def hparams_from_preset(name: str, overrides: dict[str, Any] | None = None) -> H
     """The preset ``name`` with ``overrides`` applied, validated."""
     if name not in PRESETS:
         raise UserError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
-    values = dict(PRESETS[name], hps=name)
+    values = dict(_RESOLVED_PRESETS[name], hps=name)
     overrides = dict(overrides or {})
     if overrides.get("likelihood") == "bernoulli" and "pixel_levels" not in overrides:
         overrides["pixel_levels"] = 2  # the only value that fits binary pixels
@@ -322,6 +463,53 @@ def parse_args(argv: list[str] | None, description: str) -> tuple[Hyperparams, a
     values = vars(args)
     overrides = {k: v for k, v in values.items() if k in _FIELD_NAMES and k != "hps"}
     return hparams_from_preset(values.get("hps", "cifar10"), overrides), args
+
+
+# ---------------------------------------------------------------------------------------------
+# The fields the data decides
+# ---------------------------------------------------------------------------------------------
+
+
+def fill_derived(H: Hyperparams, image_size: int, channels: int, multi_label: bool,
+                 class_count: int | None = None) -> None:
+    """Fill the fields the data decides (image_size, image_channels, pad, multi_label, and n_classes when -1) and
+    check the ones it constrains. ``class_count``: the number of classes (or attributes) the data has, or None when
+    no data was read, which --n_classes -1 cannot take. (``hps``, the preset's name, is set by hparams_from_preset.)
+
+    The decoder must end at the image size: a vdvae's decoder builds images of that size, and every family's data
+    is loaded at the size its decoder ends at (data.load_data_for), so with data the check binds every family."""
+    H.image_size = image_size
+    H.image_channels = channels
+    H.pad = dataset_shape(H.dataset).pad
+    H.multi_label = multi_label
+    if class_count is None:
+        if H.n_classes == -1:
+            raise UserError(f"--hps {H.hps} needs the class count of its data: give --n_classes")
+    else:
+        if H.n_classes == -1:
+            H.n_classes = class_count
+        if H.n_classes not in (0, class_count):
+            raise UserError(f"--n_classes must be 0 (unconditional) or {class_count} for {H.dataset}, "
+                            f"got {H.n_classes}")
+    top_res = max(r for r, _ in parse_layer_string(H.dec_blocks))
+    if (class_count is not None or H.model == "vdvae") and top_res != H.image_size:
+        raise UserError(f"--dec_blocks must end at the image size {H.image_size}, ends at {top_res}")
+
+
+def hparams_without_data(H: Hyperparams, purpose: str = "--summary") -> Hyperparams:
+    """A copy of ``H`` with the fields the data decides filled from DATASET_SHAPES, for code that builds a model
+    without reading data; ``purpose`` names that code in the error when the class count is the data's."""
+    h = copy.deepcopy(H)
+    shape = dataset_shape(h.dataset)
+    if h.n_classes == -1:
+        raise UserError(f"{purpose} of --hps {h.hps} needs the class count of its data: give --n_classes")
+    fill_derived(h, shape.image_size, shape.channels, shape.multi_label)
+    return h
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
 
 
 def validate(h: Hyperparams) -> None:

@@ -6,7 +6,7 @@ this module and never each other.
     model = build_model(H)                                 # H.model picks the family: vdvae, cvae, vlae, vqvae
     model, class_names = load_model("weights/digits", device)   # the checkpoint says which family it is
 
-Every family meets one contract (see the project's design notes): ``forward`` (losses in bits/dim),
+Every family derives from family.Family, the one contract they meet: ``forward`` (losses in bits/dim),
 ``log_importance_weights``, ``sample``, ``reconstruct``, ``prior_noise_of``, ``latent_shapes``, ``n_groups``,
 ``scored_dims``, ``set_noise_shard``, ``abilities`` (the optional sampling modes it supports), and ``stages``
 with ``stage_parameters(stage)``: what each training stage optimises (one stage, "model", for all but the vqvae).
@@ -22,12 +22,14 @@ import torch
 from torch import nn
 
 from cvae import CVAE, VLAE
-from hps import DATASET_IMAGES, FAMILY_STAGES, MODELS, PRESETS, Hyperparams, hparams_from_preset
-from utils import CHECKPOINT_FORMAT, UserError, load_checkpoint
+from family import Family
+from hps import FAMILY_STAGES, MODELS, PRESETS, Hyperparams, hparams_from_preset, hparams_without_data
+from checkpoint import CHECKPOINT_FORMAT, load_checkpoint
+from utils import UserError
 from vae import VAE
 from vqvae import VQVAE
 
-FAMILIES: dict[str, type[nn.Module]] = {"vdvae": VAE, "cvae": CVAE, "vlae": VLAE, "vqvae": VQVAE}
+FAMILIES: dict[str, type[Family]] = {"vdvae": VAE, "cvae": CVAE, "vlae": VLAE, "vqvae": VQVAE}
 assert tuple(FAMILIES) == MODELS, "hps.MODELS and the registry name the same families"
 assert all(FAMILIES[f].stages == FAMILY_STAGES[f] for f in MODELS), "hps.FAMILY_STAGES and the families agree"
 SAFETENSORS_FORMAT = "vdvae-weights-1"
@@ -35,18 +37,18 @@ ABILITY_NAMES = {"groups": "latent groups to explore", "prior_noise": "prior noi
                  "per_group_temperature": "a temperature per latent group", "manifold": "a 2-D latent manifold"}
 
 
-def build_model(H: Hyperparams) -> nn.Module:
+def build_model(H: Hyperparams) -> Family:
     """A fresh model of the family ``H.model`` names."""
     return FAMILIES[H.model](H)
 
 
-def require_ability(model: nn.Module, ability: str, what: str) -> None:
+def require_ability(model: Family, ability: str, what: str) -> None:
     """A one-line error when ``what`` (a sampling mode, an option) needs an ability the model's family lacks."""
     if ability not in model.abilities:
         raise UserError(f"{what} needs {ABILITY_NAMES[ability]}, which the {model.family} family does not have")
 
 
-def require_2d_latent(model: nn.Module, what: str, source: str) -> None:
+def require_2d_latent(model: Family, what: str, source: str) -> None:
     """A one-line error when ``what`` (sample.py manifold, train.py --track_latents) meets a model without a
     2-dimensional latent; ``source`` names the weights or the settings in the message."""
     if "manifold" in model.abilities:
@@ -59,7 +61,7 @@ def require_2d_latent(model: nn.Module, what: str, source: str) -> None:
 
 
 def load_model(weights: str, device: torch.device, use_ema: bool = True,
-               hps: str | None = None) -> tuple[nn.Module, list[str]]:
+               hps: str | None = None) -> tuple[Family, list[str]]:
     """Build the model a checkpoint describes (ours ``.pt``, an exported ``.safetensors``, or openai/vdvae's
     ``.th`` with its preset named by ``hps``) and load its (EMA) weights; returns it with the class names."""
     weights = local_weights(weights)  # hf:ORG/NAME: the file in huggingface_hub's cache
@@ -153,8 +155,7 @@ def openai_hparams(preset: str, n_classes: int = 0) -> Hyperparams:
         raise UserError(f"--hps {preset!r} has no openai/vdvae checkpoint; they exist for "
                         f"{', '.join(OPENAI_PRESETS)}")
     h = hparams_from_preset(preset, {"n_classes": n_classes, "vdvae_5bit": preset == "ffhq256"})
-    h.image_size, h.image_channels = DATASET_IMAGES[preset]
-    return h
+    return hparams_without_data(h)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from utils import CliParser, UserError, check_output_file, draw_curves, read_metrics, run_cli
+from runlog import draw_curves, read_metrics
+from utils import CliParser, UserError, check_output_file, run_cli
 
 
 def build_parser() -> CliParser:

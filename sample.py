@@ -68,7 +68,7 @@ def export_with_card(args: argparse.Namespace) -> str:
 
 def main(argv: list[str]) -> None:
     if not argv or (argv[0] not in MODES and argv[0] not in ("-h", "--help")):
-        argv = ["grid", *argv]  # no mode: today's grid command line
+        argv = ["grid", *argv]  # no mode: the grid
     args = build_parser(__doc__).parse_args(argv)
     if args.mode == "grid" and args.card and not args.export:
         raise UserError("--card goes with --export DIR: the folder to write")

@@ -16,9 +16,9 @@ from torch import nn
 from data import Split, load_data_for
 from hps import PRECISIONS
 from models import load_model, require_2d_latent, require_ability
-from utils import (CliParser, UserError, add_checkpoint_flags, autocast, available_memory, check_empty_folder,
-                   check_output_file, check_output_folder, crop_padding, folder_name, labelled_grid, pick_device,
-                   resolve_precision, save_gif, save_grid, save_image_folder)
+from images import check_empty_folder, crop_padding, folder_name, labelled_grid, save_gif, save_grid, save_image_folder
+from utils import (CliParser, UserError, add_checkpoint_flags, autocast, available_memory, check_output_file,
+                   check_output_folder, pick_device, resolve_precision)
 
 MODES = ("grid", "recon", "interp", "explore", "swap", "manifold")
 

@@ -1,6 +1,6 @@
 """Held-out scores of a model of any family, in bits per dimension: the negative ELBO (and its KL per latent group),
 the importance-weighted bound, and the per-class ELBO that generative classification reads. Shared by train.py
-(validation during training) and evaluate.py (the command line), so neither imports the other.
+(validation during training), evaluate.py (the command line, through ``evaluate_checkpoint``) and bench/.
 
 Each image's posterior noise comes from (seed, the image's index), so every figure is the same at any batch size
 and any number of processes; sums accumulate in float64 on the CPU (MPS has no float64).
@@ -8,13 +8,16 @@ and any number of processes; sums accumulate in float64 on the CPU (MPS has no f
 from __future__ import annotations
 
 import math
+import time
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from data import Split, eval_batches
-from utils import Dist
+from checkpoint import resolve_checkpoint
+from data import Split, eval_batches, load_data_for
+from models import load_model, local_weights
+from utils import Dist, pick_device
 
 
 def posterior_noise(model, keys: Sequence[int], seed: int, device: torch.device) -> list[torch.Tensor]:
@@ -124,3 +127,44 @@ def kl_per_resolution(model, kl_groups: list[float]) -> dict[str, float]:
     for block, value in zip(model.decoder.dec_blocks, kl_groups):
         out[str(block.base)] = out.get(str(block.base), 0.0) + value
     return out
+
+
+def evaluate_checkpoint(weights: str, split_name: str = "test", iw_samples: int = 1, batch_size: int = 64,
+                        classify: bool = True, device: str = "auto", seed: int = 0,
+                        use_ema: bool = True, data_root: str | None = None, hps: str | None = None) -> dict:
+    """Every figure this module reports, as one JSON-ready dict."""
+
+    t0 = time.perf_counter()
+    dev = pick_device(device)
+    weights = local_weights(weights)  # hf:ORG/NAME: the file in huggingface_hub's cache
+    model, class_names = load_model(weights, dev, use_ema=use_ema, hps=hps)
+    H = model.H
+    data = load_data_for(H, data_root)
+    split = {"test": data.test, "valid": data.valid, "train": data.train}[split_name]
+    elbo = evaluate_elbo(model, split, batch_size, dev, seed)
+    result = {
+        "checkpoint": str(resolve_checkpoint(weights)), "weights": "ema" if use_ema else "raw",
+        "dataset": H.dataset, "split": split_name, "n_images": len(split), "pixel_levels": H.pixel_levels,
+        "bpd": elbo["loss"], "recon_bpd": elbo["recon"], "kl_bpd": elbo["kl"],
+        "nats_per_image": elbo["nats_per_image"],
+        "kl_per_resolution": kl_per_resolution(model, elbo["kl_groups"]), "kl_per_group": elbo["kl_groups"],
+        "iw_samples": iw_samples, "terms": list(model.bound_terms),
+    }
+    if iw_samples > 1:
+        result["bpd_iw"] = importance_weighted_bpd(model, split, iw_samples, batch_size, dev, seed).mean().item()
+    else:
+        result["bpd_iw"] = elbo["loss"]
+    labels = split.labels
+    if H.n_classes > 0 and not H.multi_label:  # per class and generative classification: one class per image
+        result["per_class_bpd"] = {name: elbo["per_image"][labels == c].mean().item()
+                                   for c, name in enumerate(class_names) if (labels == c).any()}
+        if classify:
+            scores = class_conditional_bpd(model, split, batch_size, dev, seed)
+            predicted = scores.argmin(dim=1)
+            confusion = torch.zeros(H.n_classes, H.n_classes, dtype=torch.long)
+            confusion.index_put_((labels, predicted), torch.ones_like(labels), accumulate=True)
+            result["gen_class_acc"] = (predicted == labels).double().mean().item()
+            result["confusion"] = confusion.tolist()
+    result["class_names"] = class_names
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    return result

@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 import torch
 
+from trainer import Trainer
 from utils import autocast, available_memory, seeded
 
 SPEED_FIELDS = ("precision", "channels_last", "grad_checkpoint")
@@ -234,15 +235,15 @@ def write_cache(path: Path, key: str, entry: dict) -> None:
         pass
 
 
-def time_candidate(H, device: torch.device, settings: dict[str, str], trainer_class,
+def time_candidate(H, device: torch.device, settings: dict[str, str],
                    timer: Callable[[], float] = time.perf_counter) -> tuple[float, float]:
-    """Median seconds per training step of ``settings`` on synthetic images (through ``trainer_class``, train.py's
-    Trainer), and the loss of a fixed batch under them (for the precision check)."""
+    """Median seconds per training step of ``settings`` on synthetic images (through the Trainer train.py runs),
+    and the loss of a fixed batch under them (for the precision check)."""
     h = copy.deepcopy(H)
     for field, value in settings.items():
         setattr(h, field, value)
     torch.manual_seed(0)
-    trainer = trainer_class(h, device)
+    trainer = Trainer(h, device)
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (H.n_batch * H.grad_accum, H.image_channels, H.image_size, H.image_size),
                            dtype=torch.uint8, generator=generator).to(device)
@@ -263,11 +264,11 @@ def time_candidate(H, device: torch.device, settings: dict[str, str], trainer_cl
     return statistics.median(times), loss
 
 
-def choose_speed_settings(H, device: torch.device, total_steps: float, trainer_class,
+def choose_speed_settings(H, device: torch.device, total_steps: float,
                           log: Callable[[str], None] = print, cache_path: Path | None = None,
                           measure: Callable = time_candidate) -> dict[str, str]:
-    """Concrete values for the speed fields of ``H`` that are ``auto`` (see the module's docstring);
-    ``trainer_class`` (train.py's Trainer) runs the timed steps."""
+    """Concrete values for the speed fields of ``H`` that are ``auto`` (see the module's docstring), each
+    candidate timed by ``measure``."""
     if all(getattr(H, f) != "auto" for f in SPEED_FIELDS):
         return {f: getattr(H, f) for f in SPEED_FIELDS}
     cache_path = cache_path or default_cache_path()
@@ -289,7 +290,7 @@ def choose_speed_settings(H, device: torch.device, total_steps: float, trainer_c
         try:
             # the probe's own seeds stay inside it: the run's initialisation is the same with and without a probe
             with seeded(device, 0):
-                seconds, loss = measure(H, device, settings, trainer_class)
+                seconds, loss = measure(H, device, settings)
         except (RuntimeError, torch.cuda.OutOfMemoryError) as err:  # it does not fit, or does not run here
             results[json.dumps(settings)] = {"error": str(err).splitlines()[0][:200]}
             if device.type == "cuda":

@@ -19,12 +19,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from hps import Hyperparams
+from family import Family
+from hps import Hyperparams, parse_layer_string
 from vae_helpers import (Block, bernoulli_log_prob, bernoulli_sample, discretized_gaussian_log_prob, elbo_report,
                          discretized_gaussian_sample, dmol_log_prob, dmol_sample, draw_gaussian_diag_samples,
                          gaussian_analytical_kl, gaussian_log_prob, get_conv, get_width_settings,
-                         likelihood_param_count, levels_to_uint8, parse_layer_string, preprocess_images, SingleStage,
-                         without_autocast)
+                         likelihood_param_count, without_autocast)
 
 
 # Under --grad_checkpoint blocks, runs of this many consecutive blocks are recomputed together: half the
@@ -293,10 +293,10 @@ class Decoder(nn.Module):
         return x, stats
 
 
-class VAE(SingleStage, nn.Module):
+class VAE(Family):
     """Encoder + decoder + output likelihood; losses are in bits per dimension.
 
-    The ``vdvae`` model family: cvae.CVAE and cvae.VLAE meet the same contract (see /work/shared/DESIGN.md).
+    The ``vdvae`` model family: its latent groups are the decoder's blocks, each drawing its own posterior noise.
     """
 
     family = "vdvae"
@@ -305,46 +305,23 @@ class VAE(SingleStage, nn.Module):
     abilities = frozenset({"groups", "prior_noise", "per_group_temperature"})
 
     def __init__(self, H: Hyperparams):
-        super().__init__()
-        if H.n_classes < 0:
-            raise ValueError("n_classes -1 stands for the dataset's count: derive it from the data first")
-        if H.model != self.family:
-            raise ValueError(f"VAE builds the vdvae family, not --model {H.model}: build models through the registry")
-        self.H = H
+        super().__init__(H)
         self.encoder = Encoder(H)
         self.decoder = Decoder(H)
         for module in self.modules():
             if isinstance(module, Block):
                 module.recompute_gelu = H.grad_checkpoint in ("gelu", "blocks")  # also inside a recomputed block
 
-    # ---- the latent layout (the same methods on every family) ---------------------------------
-    @property
-    def n_groups(self) -> int:
-        """Number of latent groups (decoder blocks)."""
-        return self.decoder.n_groups
-
+    # ---- the latent layout: one group per decoder block ------------------------------------------
     def latent_shapes(self) -> list[tuple[int, ...]]:
         """(channels, height, width) of each latent group, top (coarsest) first."""
         return self.decoder.latent_shapes()
 
-    def scored_dims(self, image_shape: Sequence[int]) -> float:
-        """Dimensions the likelihood scores per image of shape (C, H, W) (bits/dim divides by these)."""
-        return self.decoder.out_net.scored_dims(image_shape)
-
     def set_noise_shard(self, index: int | torch.Tensor, count: int) -> None:
-        """From now on the posterior's standard-normal noise is slice ``index`` of a draw for ``count`` batches
-        (see draw_gaussian_diag_samples); ``index`` may be a 0-dim tensor updated in place."""
+        """Family.set_noise_shard, handed to every decoder block: each draws its own group's noise."""
+        super().set_noise_shard(index, count)
         for block in self.decoder.dec_blocks:
             block.noise_shard = (index, count)
-
-    # ---- data scaling -------------------------------------------------------------------------
-    def preprocess(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 images (B, C, H, W) in 0..255 -> (encoder input, likelihood target in [-1, 1])."""
-        return preprocess_images(self.H, images)
-
-    def levels_to_uint8(self, levels: torch.Tensor) -> torch.Tensor:
-        """Integer pixel levels 0..L-1 -> uint8 0..255 for display and saving."""
-        return levels_to_uint8(self.H, levels)
 
     # ---- the ELBO -----------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None,
@@ -358,7 +335,7 @@ class VAE(SingleStage, nn.Module):
         enc_in, target = self.preprocess(images)
         activations = self.encoder(enc_in)
         px_z, stats = self.decoder(activations, labels, noises=noises)
-        ndims = self.decoder.out_net.scored_dims(images.shape[1:])  # MNIST: its 28x28, not the padded 32x32
+        ndims = self.scored_dims(images.shape[1:])  # MNIST: its 28x28, not the padded 32x32
         recon_nats = self.decoder.out_net.nll(px_z, target)  # (B,)
         kl_groups = torch.stack([s["kl"].sum(dim=(1, 2, 3)) for s in stats], dim=1)  # (B, G)
         return elbo_report(recon_nats, kl_groups, ndims)

@@ -1,4 +1,4 @@
-"""Building blocks and probability maths of the VDVAE: residual blocks, block-spec parsing,
+"""Building blocks and probability maths of the VDVAE: residual blocks, per-resolution widths,
 Gaussian KL and sampling, and the discretized mixture of logistics (DMOL) likelihood.
 
 All likelihood and KL maths runs in float32, even when the caller is under autocast.
@@ -8,44 +8,17 @@ from __future__ import annotations
 import contextlib
 
 import math
-import re
 from collections import defaultdict
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-if TYPE_CHECKING:  # hps imports this module: the annotation only
-    from hps import Hyperparams
+from hps import Hyperparams
 
 # ---------------------------------------------------------------------------------------------
-# Block specs
+# Per-resolution widths
 # ---------------------------------------------------------------------------------------------
-
-_SPEC_ITEM = re.compile(r"^(\d+)(?:([xmd])(\d+))?$")
-
-
-def parse_layer_string(spec: str) -> list[tuple[int, int | None]]:
-    """Parse a block spec such as ``32x11,32d2,16x6`` or ``1x1,4m1,4x2`` into (resolution, arg) pairs.
-
-    ``RxN`` is N blocks at resolution R; ``RdK`` is one block at R followed by average pooling by K;
-    ``RmS`` is one decoder block at R whose input is the state at resolution S upsampled (mixin).
-    Plain ``R`` is a single block. The arg is the down rate or mixin resolution, else None.
-    """
-    layers: list[tuple[int, int | None]] = []
-    for item in spec.split(","):
-        match = _SPEC_ITEM.match(item.strip())
-        if not match:
-            raise ValueError(f"bad block spec item {item!r} in {spec!r}: expected R, RxN, RdK or RmS")
-        res, op, num = int(match.group(1)), match.group(2), match.group(3)
-        if op == "x":
-            layers += [(res, None)] * int(num)
-        elif op in ("m", "d"):
-            layers.append((res, int(num)))
-        else:
-            layers.append((res, None))
-    return layers
 
 
 def get_width_settings(width: int, custom: str) -> dict[int, int]:
@@ -349,9 +322,7 @@ def dmol_sample(params: torch.Tensor, channels: int, levels: int, num_mixtures: 
 # ---------------------------------------------------------------------------------------------
 #
 # Both score the level grid of the DMOL above (x = 2k/(L-1) - 1), so every likelihood gives a proper
-# distribution over the L levels and bits/dim figures compare across them.
-
-LIKELIHOODS = ("dmol", "bernoulli", "gaussian")
+# distribution over the L levels and bits/dim figures compare across them (hps.LIKELIHOODS names them).
 
 
 def likelihood_param_count(kind: str, channels: int, num_mixtures: int, learned_std: bool = True) -> int:
@@ -439,27 +410,3 @@ def elbo_report(recon_nats: torch.Tensor, kl_groups_nats: torch.Tensor, ndims: f
         "kl_groups": (kl_groups_nats * to_bits).mean(dim=0),
     }
 
-
-class SingleStage:
-    """The stage contract of a family that trains all its parameters at once: one stage, "model" (the vqvae trains
-    its autoencoder, then its prior, each stage with its own optimiser over ``stage_parameters``)."""
-
-    stages = ("model",)
-    stage = "model"
-    # what evaluate.py calls the bound and its two terms (the vqvae's are not an ELBO and a KL)
-    bound_terms = ("negative ELBO", "reconstruction", "KL")
-
-    def stage_parameters(self, stage: str | None = None) -> list:
-        """Every parameter: the one stage trains them all."""
-        if stage not in (None, *self.stages):
-            raise ValueError(f"the {self.family} family trains in one stage, 'model'; got {stage!r}")
-        return list(self.parameters())
-
-
-def check_family_settings(H, cls) -> None:
-    """A model class builds only its own family (``cls.family``), from settings whose class count is known."""
-    if H.n_classes < 0:
-        raise ValueError("n_classes -1 stands for the dataset's count: derive it from the data first")
-    if H.model != cls.family:
-        raise ValueError(f"{cls.__name__} builds the {cls.family} family, not --model {H.model}: "
-                         "build models through the registry")

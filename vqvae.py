@@ -32,10 +32,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cvae import label_vector
+from family import Family
 from hps import FAMILY_STAGES, Hyperparams
 from vae import OutputNet
-from vae_helpers import (check_family_settings, elbo_report, levels_to_uint8, preprocess_images,
-                         without_autocast)
+from vae_helpers import elbo_report, preprocess_images, without_autocast
 
 STAGES = FAMILY_STAGES["vqvae"]  # ("autoencoder", "prior")
 
@@ -319,7 +319,7 @@ class VQDecoder(nn.Module):
         return self.net(z_q)
 
 
-class VQVAE(nn.Module):
+class VQVAE(Family):
     """The VQ-VAE (``H.codebook_size`` codes of ``H.code_dim`` dimensions on a grid ``H.vq_downsample`` stride-2
     stages below the image) with a class-conditional gated PixelCNN prior ``prior`` over its code grid
     (``H.prior_channels`` channels, ``H.prior_layers`` gated blocks), trained in two stages (``stages``)."""
@@ -331,9 +331,7 @@ class VQVAE(nn.Module):
     abilities = frozenset()
 
     def __init__(self, H: Hyperparams):
-        super().__init__()
-        check_family_settings(H, type(self))
-        self.H = H
+        super().__init__(H)
         self.n_classes = H.n_classes
         self.codebook_size, self.code_dim, self.beta = H.codebook_size, H.code_dim, H.commitment_beta
         stages = downsample_stages(H)
@@ -343,55 +341,25 @@ class VQVAE(nn.Module):
         self.decoder = VQDecoder(H, self.code_dim, stages)
         self.prior = GatedPixelCNN(self.codebook_size, H.n_classes, H.prior_channels, H.prior_layers,
                                    dropout=H.prior_dropout)
-        self._stage = "autoencoder"
 
-    # ---- stages ----------------------------------------------------------------------------------
-    @property
-    def stage(self) -> str:
-        """What ``loss_nats`` optimises: "autoencoder" (stage 1) or "prior" (stage 2)."""
-        return self._stage
-
-    @stage.setter
-    def stage(self, value: str) -> None:
-        if value not in STAGES:
-            raise ValueError(f"the vqvae's stage must be one of {', '.join(STAGES)}, got {value!r}")
-        self._stage = value
-
-    def stage_parameters(self, stage: str | None = None) -> list[nn.Parameter]:
-        """The parameters stage ``stage`` (default: the current one) trains: the encoder, codebook and decoder in
-        stage "autoencoder", the PixelCNN in stage "prior"."""
-        stage = self.stage if stage is None else stage
-        if stage not in STAGES:
-            raise ValueError(f"the vqvae's stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    # ---- stages: the autoencoder, then the prior ---------------------------------------------------
+    def _parameters_of_stage(self, stage: str) -> list[nn.Parameter]:
+        """The encoder, codebook and decoder in stage "autoencoder", the PixelCNN in stage "prior"."""
         if stage == "prior":
             return list(self.prior.parameters())
         return [*self.encoder.parameters(), *self.quantizer.parameters(), *self.decoder.parameters()]
 
-    # ---- the latent layout (the same methods on every family) ------------------------------------
-    @property
-    def n_groups(self) -> int:
-        """One latent group: the code grid."""
-        return 1
-
+    # ---- the latent layout: one group, the code grid ------------------------------------------------
     def latent_shapes(self) -> list[tuple[int, ...]]:
         """The code grid (height, width): one code in 0..K-1 per position."""
         return [(self.grid, self.grid)]
 
-    def scored_dims(self, image_shape: Sequence[int]) -> float:
-        return self.decoder.out_net.scored_dims(image_shape)
-
-    def set_noise_shard(self, index: int | torch.Tensor, count: int) -> None:
-        """A no-op: the posterior is deterministic, so there is no posterior noise to shard."""
-
-    # ---- data scaling (shared with the other families) -------------------------------------------
+    # ---- data scaling: the encoder's input differs, the likelihood's target is every family's -------
     def preprocess(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 images (B, C, H, W) -> (encoder input: centred and scaled to [-1, 1], likelihood target)."""
         _, target = preprocess_images(self.H, images)
         device = self.quantizer.codebook.weight.device
         return (images.float() * (2.0 / 255.0) - 1.0).to(device), target.to(device)
-
-    def levels_to_uint8(self, levels: torch.Tensor) -> torch.Tensor:
-        return levels_to_uint8(self.H, levels)
 
     # ---- pieces ------------------------------------------------------------------------------------
     def encode(self, images: torch.Tensor) -> Quantized:
@@ -449,21 +417,13 @@ class VQVAE(nn.Module):
         return log_px_z + self.prior.log_prob(q.codes, labels)
 
     # ---- generation ----------------------------------------------------------------------------------
-    def _temperature(self, temperature: float | Sequence[float]) -> float:
-        if isinstance(temperature, (int, float)):
-            return float(temperature)
-        temps = [float(t) for t in temperature]
-        if len(temps) != 1:
-            raise ValueError(f"expected 1 temperature (one latent group), got {len(temps)}")
-        return temps[0]
-
     @torch.no_grad()
     def sample(self, n: int, labels: torch.Tensor | None = None, temperature: float | Sequence[float] = 1.0,
                noises: Sequence[torch.Tensor | None] | None = None, shared_pixel_noise: bool = False) -> torch.Tensor:
         """``n`` images as uint8 (n, C, H, W): codes drawn from the PixelCNN (for ``labels`` when conditional, the
         logits divided by ``temperature``), decoded, and pixels drawn from the likelihood. ``noises``, a list of one
         (n, H, W) integer code grid (as prior_noise_of returns), decodes those codes instead of drawing them."""
-        t = self._temperature(temperature)
+        t = self._group_temperatures(temperature)[0]
         codes = noises[0] if noises is not None else None
         if codes is None:
             codes = self.prior.sample(n, self._labels(labels), (self.grid, self.grid), t)

@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hps import MODELS  # noqa: E402
-from utils import UserError, check_output_file, check_output_folder, read_metrics, run_cli  # noqa: E402
+from runlog import read_metrics  # noqa: E402
+from utils import UserError, check_output_file, check_output_folder, run_cli  # noqa: E402
 
 KEYS = ("test_bpd", "test_bpd_iw", "gen_class_acc", "class_consistency", "params", "train_seconds", "perplexity")
 

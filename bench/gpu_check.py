@@ -67,7 +67,7 @@ N_TRAIN_FILES, PER_FILE, N_TEST = 5, 1100, 512  # synthetic CIFAR-10: 5,500 trai
 
 
 def plan(tiny: bool) -> dict:
-    """Sizes of every section: the issue's on a GPU, seconds' worth on the CPU."""
+    """Sizes of every section: the full ones on a GPU, seconds' worth on the CPU."""
     if tiny:
         return dict(arch=TINY_ARCH, n_batch=4, steps=2, warmup=1, sample_batches="4,8", sample_reps=1,
                     parity_steps=12, digits=["--max_steps", "20", "--n_batch", "8", "--precision", "fp32",
@@ -379,9 +379,8 @@ def worker_hparams(args, **overrides):
 def apply_default_speed(H, device: torch.device) -> None:
     """Set H's auto speed fields to what a long train.py run picks here (speed.py: its cache, else its probe)."""
     from speed import choose_speed_settings
-    from train import Trainer
 
-    for field, value in choose_speed_settings(H, device, float("inf"), Trainer, log=lambda m: None).items():
+    for field, value in choose_speed_settings(H, device, float("inf"), log=lambda m: None).items():
         setattr(H, field, value)
 
 
@@ -437,7 +436,7 @@ def parity_batches(n_steps: int, n_batch: int, device: torch.device) -> tuple[to
 
 def worker_parity(args, device: torch.device) -> dict:
     """The same init, batches and noise in eager fp32 and in the default mode: both loss curves."""
-    from train import Trainer
+    from trainer import Trainer
 
     P = plan(args.tiny)
     images, labels = parity_batches(P["parity_steps"], P["n_batch"], device)
@@ -468,10 +467,10 @@ def worker_parity(args, device: torch.device) -> dict:
 
 
 def worker_cuda_paths(args, device: torch.device) -> dict:
-    """Issue 23's device paths on this device: evaluation precision, fp32 heads, one compiled accumulation graph."""
+    """The device-specific paths on this device: evaluation precision, fp32 heads, one compiled accumulation graph."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    import train as train_module
+    import trainer as trainer_module
     from data import load_data_for
     from scoring import evaluate_elbo
     from models import load_model
@@ -507,7 +506,7 @@ def worker_cuda_paths(args, device: torch.device) -> dict:
     # one compiled graph serves every accumulation pass (the pass index is a device tensor)
     counter = CompileCounterWithBackend("inductor" if device.type == "cuda" else "eager")
     real_compile = torch.compile
-    train_module.torch.compile = lambda module: real_compile(module, backend=counter)
+    trainer_module.torch.compile = lambda module: real_compile(module, backend=counter)
     try:
         torch._dynamo.reset()
         H = worker_hparams(args, n_batch=4, grad_accum=4, compile=True, precision="bf16" if low else "fp32",
@@ -515,7 +514,7 @@ def worker_cuda_paths(args, device: torch.device) -> dict:
         if not args.tiny:  # a small model: compiling the full one is the compile section's work
             H.width, H.zdim = 64, 8
             H.enc_blocks, H.dec_blocks = TINY_ARCH[5], TINY_ARCH[7]
-        trainer = train_module.Trainer(H, device)
+        trainer = trainer_module.Trainer(H, device)
         images, labels = synthetic_images(16, seed=3)
         images, labels = torch.from_numpy(images).to(device), torch.from_numpy(labels).long().to(device)
         frames = []
@@ -526,7 +525,7 @@ def worker_cuda_paths(args, device: torch.device) -> dict:
         result["compiled_accum_frames_after_each_pass"] = frames
         result["compiled_step_loss"] = stats[0].item()
     finally:
-        train_module.torch.compile = real_compile
+        trainer_module.torch.compile = real_compile
     result["ok"] = bool(frames == [frames[0]] * 4 and math.isfinite(result["compiled_step_loss"])
                         and result.get("head_dtype", "torch.float32") == "torch.float32"
                         and result.get("top_group_roundtrip_max_err", 0.0) < 1e-4)
@@ -537,7 +536,7 @@ def worker_profile(args, device: torch.device) -> dict:
     """The default training step under torch.profiler: the operators and kernels that take the time."""
     from torch.profiler import ProfilerActivity, profile
 
-    from train import Trainer
+    from trainer import Trainer
 
     P = plan(args.tiny)
     H = worker_hparams(args, n_batch=P["n_batch"])
@@ -570,7 +569,7 @@ def worker_profile(args, device: torch.device) -> dict:
 def worker_max_batch(args, device: torch.device) -> dict:
     """The largest training batch that fits with this --grad_checkpoint mode (default precision and layout):
     double until out of memory, then bisect."""
-    from train import Trainer
+    from trainer import Trainer
 
     P = plan(args.tiny)
     H = worker_hparams(args, n_batch=P["max_batch_start"])
@@ -619,7 +618,7 @@ WORKERS = {"machine": worker_machine, "flops": worker_flops, "parity": worker_pa
 
 
 def targets(summary: dict) -> dict:
-    """The issue's targets, from what was measured (None where a figure is missing)."""
+    """The speed targets (bench/RESULTS.md), from what was measured (None where a figure is missing)."""
     s = summary["sections"]
     modes = s.get("throughput", {}).get("modes", {})
     ref, eager, default = (modes.get(m, {}) for m in ("reference", "eager_fp32", "default"))

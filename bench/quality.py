@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,13 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-import train  # noqa: E402
 from data import Data, load_digits  # noqa: E402
-from evaluate import evaluate_checkpoint  # noqa: E402
 from models import load_model  # noqa: E402
-from utils import run_cli, seeded  # noqa: E402
+from scoring import evaluate_checkpoint  # noqa: E402
+from utils import UserError, run_cli, seeded  # noqa: E402
 from vae import count_parameters  # noqa: E402
 
 
@@ -103,7 +104,9 @@ def main(argv: list[str]) -> None:
     if weights is None:
         weights = tempfile.mkdtemp(prefix="quality-digits-")
         t0 = time.perf_counter()
-        train.main(["--hps", args.hps, "--save_dir", weights, *overrides])
+        command = [sys.executable, str(ROOT / "train.py"), "--hps", args.hps, "--save_dir", weights, *overrides]
+        if subprocess.run(command, check=False).returncode != 0:  # train.py has said why, in one line
+            raise UserError(f"the training run failed: {' '.join(command)}")
         train_seconds = round(time.perf_counter() - t0, 1)
 
     report = evaluate_checkpoint(weights, "test", iw_samples=args.iw_samples, batch_size=400, device="cpu")

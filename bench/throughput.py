@@ -48,9 +48,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(1, str(Path(__file__).resolve().parent))  # compare_openai, for the reference mode
 
-from hps import DATASET_IMAGES, hparams_from_preset, parse_args  # noqa: E402
+from hps import DATASET_SHAPES, hparams_from_preset, parse_args  # noqa: E402
 from speed import choose_speed_settings, cpu_has_bf16, machine_description  # noqa: E402
-from train import Trainer  # noqa: E402
+from trainer import Trainer  # noqa: E402
 from utils import UserError, autocast, pick_device, run_cli  # noqa: E402
 
 PLAIN = dict(precision="fp32", channels_last="off", compile=False, grad_checkpoint="none")
@@ -96,7 +96,7 @@ def measure_mode(mode: str, args) -> dict:
     H = hparams_from_preset(args.hps, dict(args.overrides, n_batch=args.n_batch, max_steps=0, lr_decay="none"))
     H.image_size, H.image_channels = args.image_size, args.image_channels
     if mode in ON_DEFAULT:  # what a long train.py run picks here (read from the cache the probe filled)
-        for field, value in choose_speed_settings(H, device, float("inf"), Trainer, log=lambda m: None).items():
+        for field, value in choose_speed_settings(H, device, float("inf"), log=lambda m: None).items():
             setattr(H, field, value)
     for field, value in overrides.items():
         setattr(H, field, value)
@@ -204,14 +204,15 @@ def main(argv: list[str]) -> None:
     if min(args.n_batch, *args.sample_batches, args.steps, args.sample_reps) <= 0 or args.warmup < 0:
         raise UserError("--n_batch, --n_batch_sample, --steps and --sample_reps must be > 0")
     H = hparams_from_preset(args.hps, args.overrides)
-    size, channels = DATASET_IMAGES.get(H.dataset, (None, None))
+    shape = DATASET_SHAPES.get(H.dataset)
+    size, channels = (shape.image_size, shape.channels) if shape else (None, None)
     args.image_size = args.image_size or size
     args.image_channels = args.image_channels or channels
     if args.worker == "probe":  # speed.py's measurement for the default mode, in a process of its own
         device = pick_device(args.device)
         H = hparams_from_preset(args.hps, dict(args.overrides, n_batch=args.n_batch, max_steps=0, lr_decay="none"))
         H.image_size, H.image_channels = args.image_size, args.image_channels
-        print(json.dumps(choose_speed_settings(H, device, float("inf"), Trainer, log=lambda m: None)))
+        print(json.dumps(choose_speed_settings(H, device, float("inf"), log=lambda m: None)))
         return
     if args.worker:
         print(json.dumps(measure_mode(args.worker, args)))

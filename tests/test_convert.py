@@ -12,7 +12,8 @@ from conftest import run
 from models import OPENAI_PRESETS, checkpoint_from_openai, convert_state_dict, openai_hparams
 from test_data import write_cifar10
 from test_evaluate import assert_refused, watched
-from utils import CHECKPOINT_FORMAT, UserError
+from checkpoint import CHECKPOINT_FORMAT
+from utils import UserError
 from vae import VAE
 
 
@@ -143,20 +144,20 @@ def test_a_th_file_converts_samples_and_evaluates_from_the_command_line(openai_f
 def test_train_restore_of_a_th_file_starts_a_new_run_from_its_weights(openai_file, tmp_path):
     """What ``train.py --hps cifar10 --restore X.th`` does before its first step (in-process: a full-size
     training run is too slow for the CPU tests)."""
-    from train import Trainer, checkpoint_to_resume, restore_run
+    from trainer import RunState, Trainer, checkpoint_to_resume, restore_run
 
     path, _ = openai_file
     H = openai_hparams("cifar10", n_classes=10)
     H.restore = str(path)
     trainer = Trainer(H, torch.device("cpu"))
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped": 0}
+    state = RunState()
     source, ckpt = checkpoint_to_resume(H, tmp_path, print)
     restore_run(source, ckpt, H, trainer, state)
     theirs = torch.load(path, weights_only=True)
     for name, value in trainer.ema.state_dict().items():
         expected = theirs.get(f"module.{name}", torch.zeros_like(value))  # the class embedding starts at zero
         assert torch.equal(value, expected), name
-    assert state["step"] == 0 and trainer.optimizer.state_dict()["state"] == {}
+    assert state.step == 0 and trainer.optimizer.state_dict()["state"] == {}
 
 
 def test_a_th_file_needs_its_preset(openai_file, tmp_path):

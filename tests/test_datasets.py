@@ -17,6 +17,7 @@ from PIL import Image
 import data as data_module
 from data import (ImageFiles, LazyImages, MappedImages, Split, epoch_batches, eval_batches, load_celeba64,
                   load_cifar100, load_data, load_ffhq, load_folder, load_imagenet, load_mnist, load_svhn)
+from hps import DATASET_SHAPES
 from utils import UserError
 
 
@@ -564,6 +565,23 @@ def test_memory_mapped_split_batches(tmp_path):
 def test_load_data_names_every_dataset():
     assert set(data_module.DATASETS) == {"cifar10", "cifar100", "mnist", "svhn", "celeba64", "imagenet32",
                                          "imagenet64", "ffhq256", "ffhq1024", "folder", "digits"}
+    assert tuple(DATASET_SHAPES) == data_module.DATASETS  # code without data knows every dataset's shape
+
+
+@pytest.mark.parametrize("name,write", [("mnist", write_mnist), ("cifar100", write_cifar100),
+                                        ("celeba64", write_celeba),
+                                        ("imagenet32", lambda root: write_imagenet(root / "imagenet32", 32))])
+def test_loaders_give_the_shapes_the_table_promises(name, write, tmp_path):
+    """--summary and the converter build models from DATASET_SHAPES without reading data: the loaders agree."""
+    write(tmp_path)
+    data = load_data(name, str(tmp_path))
+    shape = DATASET_SHAPES[name]
+    assert (data.image_size, data.channels, data.multi_label) == (shape.image_size, shape.channels, shape.multi_label)
+    pad = shape.pad
+    if pad:  # the border the likelihood leaves out is black
+        border = data.test.images.clone()
+        border[:, :, pad:-pad, pad:-pad] = 0
+        assert border.sum() == 0 and data.test.images[:, :, pad:-pad, pad:-pad].min() > 0
 
 
 def test_dataset_pickles_admit_only_arrays_and_plain_values(tmp_path):

@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import ROOT, free_port, tiny_cli_args, tiny_hps
-from train import Trainer
+from trainer import Trainer
 from utils import Dist
 
 COMMON = dict(lr_decay="none", warmup_iters=0, augment_shift=1, max_steps=4, eval_every=2, log_every=1,
@@ -142,11 +142,10 @@ def test_accumulation_syncs_gradients_once_per_update(tmp_path):
         assert single > 0 and accumulated == single
 
 
-# Issue 20: a torchrun worker that had finished its work could die of SIGABRT while the interpreter finalized: gloo's
-# worker thread dropped the last reference to a reduced tensor a moment late, took the GIL during finalization and was
-# ended by Python through a forced unwind ("terminate called without an active exception"). Under load it happened in
-# about 1 of 45 exits here. A worker now leaves through os._exit once its work is flushed, so finalization (and with it
-# that race) never comes; finalization is observed through a cyclic object whose __del__ only the last garbage
+# A torchrun worker that has finished its work could die of SIGABRT while the interpreter finalized: gloo's worker
+# thread drops the last reference to a reduced tensor a moment late, takes the GIL during finalization and is ended by
+# Python through a forced unwind ("terminate called without an active exception"), in about 1 of 45 exits under load.
+# A worker leaves through os._exit once its work is flushed, so finalization (and with it that race) never comes; finalization is observed through a cyclic object whose __del__ only the last garbage
 # collection of a finalizing interpreter runs.
 EXIT_SCRIPT = """
 import os, sys
@@ -204,7 +203,7 @@ def _vote_steps(rank: int, world: int, port: int, out_dir: str) -> None:
     """Rank 1 receives SIGTERM during step 3; every rank records the step at which StopSignal agrees to stop."""
     import signal as signals
 
-    from train import StopSignal
+    from trainer import StopSignal
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)

@@ -1,4 +1,4 @@
-"""Block specs and the Gaussian maths of the latent groups."""
+"""The Gaussian maths of the latent groups."""
 from __future__ import annotations
 
 import math
@@ -6,13 +6,7 @@ import math
 import pytest
 import torch
 
-from vae_helpers import draw_gaussian_diag_samples, gaussian_analytical_kl, parse_layer_string
-
-
-def test_parse_layer_string():
-    assert parse_layer_string("32x2,32d2,16m8,4") == [(32, None), (32, None), (32, 2), (16, 8), (4, None)]
-    with pytest.raises(ValueError):
-        parse_layer_string("32y2")
+from vae_helpers import draw_gaussian_diag_samples, gaussian_analytical_kl
 
 
 def test_kl_matches_monte_carlo():

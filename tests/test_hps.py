@@ -1,14 +1,25 @@
 """The hyperparameter object: strict, overridable, and every field is used."""
 from __future__ import annotations
 
+import ast
+import dataclasses
+import subprocess
 import sys
 
 import pytest
 
 import hps as hps_module
-from conftest import tiny_cli_args
-from hps import PRESETS, SETTABLE, Hyperparams, hparams_from_preset, parse_args
+from conftest import ROOT, tiny_cli_args
+from hps import (PRESETS, SETTABLE, Hyperparams, fill_derived, hparams_from_preset, hparams_without_data, parse_args,
+                 parse_layer_string, resolve_presets)
 from utils import UserError
+
+# the fields that fix the shapes of the weights or what the model computes: a checkpoint resumes only into them
+MODEL_SHAPING = {"model", "conv_width", "made_hidden", "codebook_size", "code_dim", "vq_downsample", "prior_channels",
+                 "prior_layers", "dataset", "image_size", "image_channels", "pixel_levels", "n_classes", "width",
+                 "custom_width_str", "enc_blocks", "dec_blocks", "zdim", "bottleneck_multiple", "num_mixtures",
+                 "no_bias_above", "likelihood", "gaussian_std", "data_shift", "data_scale", "vdvae_5bit", "pad",
+                 "multi_label"}
 
 
 def test_presets_and_overrides():
@@ -36,7 +47,108 @@ def test_unknown_keys_are_errors():
 def test_every_preset_names_only_real_fields():
     names = {f.name for f in SETTABLE}
     for name, values in PRESETS.items():
-        assert set(values) <= names, name
+        assert set(values) - {"base"} <= names, name
+        assert values.get("base", "cifar10") in PRESETS, name
+
+
+def test_the_cifar10_preset_holds_the_defaults_that_help_shows():
+    defaults = Hyperparams()
+    for key, value in PRESETS["cifar10"].items():
+        assert getattr(defaults, key) == value, key
+    assert hparams_from_preset("cifar10") == defaults
+
+
+def test_a_preset_starts_from_its_base_and_its_own_values_win():
+    cifar10, cifar100 = hparams_from_preset("cifar10"), hparams_from_preset("cifar100")
+    assert (cifar100.width, cifar100.enc_blocks, cifar100.lr) == (cifar10.width, cifar10.enc_blocks, cifar10.lr)
+    assert (cifar100.dataset, cifar100.n_classes) == ("cifar100", 100)
+    ffhq1024 = hparams_from_preset("ffhq1024")  # <- ffhq256 <- imagenet64 <- imagenet32 <- cifar10
+    assert (ffhq1024.n_classes, ffhq1024.pixel_levels, ffhq1024.ema_rate, ffhq1024.n_batch) == (0, 256, 0.999, 1)
+    table = {"a": dict(width=8, zdim=2), "b": dict(base="a", zdim=3, lr=1.0), "c": dict(base="b", lr=2.0)}
+    assert resolve_presets(table) == {"a": dict(width=8, zdim=2), "b": dict(width=8, zdim=3, lr=1.0),
+                                      "c": dict(width=8, zdim=3, lr=2.0)}
+    assert table["c"] == dict(base="b", lr=2.0)  # the plain data stays as written
+
+
+def test_a_bad_preset_table_is_an_error_when_hps_is_imported(tmp_path):
+    with pytest.raises(ValueError, match="preset 'b' names an unknown base 'nope'; valid: a, b"):
+        resolve_presets({"a": {}, "b": dict(base="nope")})
+    with pytest.raises(ValueError, match="presets a -> b -> a form a cycle of bases"):
+        resolve_presets({"a": dict(base="b"), "b": dict(base="a")})
+    with pytest.raises(ValueError, match="preset 'a' sets unknown or derived fields image_size, widht"):
+        resolve_presets({"a": dict(widht=3, image_size=8)})
+    source = (ROOT / "hps.py").read_text()
+    assert source.count('base="cifar10", dataset="cifar100"') == 1
+    (tmp_path / "hps.py").write_text(source.replace('base="cifar10", dataset="cifar100"',
+                                                    'base="cifar1000", dataset="cifar100"'))
+    result = subprocess.run([sys.executable, "-c", f"import sys; sys.path[1:1] = [{str(ROOT)!r}]; import hps"],
+                            cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert result.returncode == 1 and "preset 'cifar100' names an unknown base 'cifar1000'" in result.stderr
+
+
+def test_model_fields_are_flagged_where_declared():
+    declared = [f.name for f in dataclasses.fields(Hyperparams)]
+    assert set(hps_module.MODEL_FIELDS) == MODEL_SHAPING
+    assert hps_module.MODEL_FIELDS == [name for name in declared if name in MODEL_SHAPING]
+
+
+def test_hps_imports_no_project_module_but_utils():
+    """Every other module may import hps: it imports nothing of theirs back, not even for type hints."""
+    tree = ast.parse((ROOT / "hps.py").read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    assert imported & {p.stem for p in ROOT.glob("*.py")} == {"utils"}
+
+
+def test_parse_layer_string():
+    assert parse_layer_string("32x2,32d2,16m8,4") == [(32, None), (32, None), (32, 2), (16, 8), (4, None)]
+    with pytest.raises(ValueError):
+        parse_layer_string("32y2")
+
+
+def test_fill_derived_fills_the_fields_the_data_decides_and_checks_them():
+    h = hparams_from_preset("folder")  # --n_classes -1: the data's count
+    fill_derived(h, 64, 3, False, class_count=5)
+    assert (h.image_size, h.image_channels, h.pad, h.multi_label, h.n_classes) == (64, 3, 0, False, 5)
+    h = hparams_from_preset("mnist")
+    fill_derived(h, 32, 1, False, class_count=10)
+    assert (h.pad, h.n_classes) == (2, 10)
+    h = hparams_from_preset("celeba64")
+    fill_derived(h, 64, 3, True, class_count=40)
+    assert h.multi_label
+    fill_derived(hparams_from_preset("mnist", {"n_classes": 0}), 32, 1, False, class_count=10)  # unconditional
+    with pytest.raises(UserError, match=r"^--n_classes must be 0 \(unconditional\) or 10 for mnist, got 7$"):
+        fill_derived(hparams_from_preset("mnist", {"n_classes": 7}), 32, 1, False, class_count=10)
+    with pytest.raises(UserError, match="^--hps folder needs the class count of its data: give --n_classes$"):
+        fill_derived(hparams_from_preset("folder"), 64, 3, False)
+    # with data every family's decoder spec must end at the image size: the data were loaded at the size it ends at
+    cvae = hparams_from_preset("digits", {"model": "cvae", "dec_blocks": "1x1,4m1,4x2"})
+    with pytest.raises(UserError, match="^--dec_blocks must end at the image size 8, ends at 4$"):
+        fill_derived(cvae, 8, 1, False, class_count=10)
+
+
+def test_hparams_without_data_fills_a_copy_from_the_dataset_shapes():
+    h = hparams_from_preset("mnist")
+    filled = hparams_without_data(h)
+    assert (filled.image_size, filled.image_channels, filled.pad, filled.multi_label) == (32, 1, 2, False)
+    assert h == hparams_from_preset("mnist")  # the original is left as it was
+    celeba = hparams_without_data(hparams_from_preset("celeba64"))
+    assert (celeba.image_size, celeba.multi_label, celeba.n_classes) == (64, True, 40)
+    with pytest.raises(UserError,
+                       match="^--summary of --hps folder needs the class count of its data: give --n_classes$"):
+        hparams_without_data(hparams_from_preset("folder"))
+    with pytest.raises(UserError, match="^speed.py of --hps folder needs the class count"):
+        hparams_without_data(hparams_from_preset("folder"), "speed.py")
+    assert hparams_without_data(hparams_from_preset("folder", {"n_classes": 3})).n_classes == 3
+    # without data only a vdvae's decoder must end at the image size: no other family's model reads the spec
+    cvae = hparams_without_data(hparams_from_preset("digits", {"model": "cvae", "dec_blocks": "1x1,4m1,4x2"}))
+    assert (cvae.image_size, cvae.image_channels) == (8, 1)
+    with pytest.raises(UserError, match="^--dec_blocks must end at the image size 8, ends at 4$"):
+        hparams_without_data(hparams_from_preset("digits", {"dec_blocks": "1x1,4m1,4x2"}))
+    with pytest.raises(UserError, match="^unknown dataset 'nope'; valid: cifar10, "):
+        hparams_without_data(hparams_from_preset("digits", {"dataset": "nope"}))
 
 
 def test_every_hyperparameter_is_read(tmp_path, monkeypatch):

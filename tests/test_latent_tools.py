@@ -16,7 +16,8 @@ import sample
 import sampling
 import train
 from conftest import tiny_cli_args
-from utils import LatentTrajectory, UserError, read_metrics
+from runlog import LatentTrajectory, read_metrics
+from utils import UserError
 
 CVAE_2D = {"model": "cvae", "zdim": 2, "conv_width": 8, "width": 16}
 

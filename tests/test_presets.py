@@ -128,9 +128,9 @@ def test_paper_presets_build_at_full_size(preset, size, expected):
 def test_every_preset_evaluates_in_batches_of_bounded_size():
     """Evaluation runs without gradients but at n_batch_eval images a batch: ffhq256 at the default 64 would need
     some 17 GB in fp32. No preset's evaluation batch holds more pixels than 8 images of 256x256 (or one image)."""
-    from hps import DATASET_IMAGES
+    from hps import DATASET_SHAPES
 
     for name, preset in PRESETS.items():
         h = hparams_from_preset(name)
-        size = DATASET_IMAGES[h.dataset][0]
+        size = DATASET_SHAPES[h.dataset].image_size
         assert h.n_batch_eval <= max(1, 8 * 256 * 256 // (size * size)), name

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from conftest import ROOT, run, tiny_cli_args
-from utils import CHECKPOINT_FORMAT, UserError, load_newest_checkpoint, resume_candidates
+from checkpoint import CHECKPOINT_FORMAT, load_newest_checkpoint, resume_candidates
+from utils import UserError
 
 
 def start(script: str, *args: str) -> subprocess.Popen:
@@ -220,7 +221,7 @@ def test_safetensors_export_samples_the_same_and_evaluates(trained_run, tmp_path
 def test_latest_is_present_at_every_instant_of_a_save(tmp_path, monkeypatch):
     """A reader (sample.py, evaluate.py) may open latest.pt at any moment: every rename of a save happens while
     latest.pt exists, and previous.pt ends up as the file latest.pt was."""
-    from utils import atomic_torch_save
+    from checkpoint import atomic_torch_save
 
     latest = tmp_path / "latest.pt"
     atomic_torch_save({"step": 1}, latest, keep_previous=True)
@@ -280,7 +281,7 @@ def test_resume_mid_cosine_schedule_is_bit_identical(tmp_path):
 def test_a_checkpoint_holds_its_own_device_generator_and_old_gpu_lists_resume(tmp_path):
     """The RNG state saved is the CPU's and this process's device's alone; a checkpoint of the older format, with
     every visible GPU's state (8 here), resumes on a machine with fewer (here none) without an IndexError."""
-    from train import saved_device_rng_state
+    from utils import saved_device_rng_state
 
     run_dir = tmp_path / "run"
     assert run("train.py", *tiny_cli_args(run_dir, max_steps=2, eval_every=0)).returncode == 0

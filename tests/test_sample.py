@@ -12,7 +12,7 @@ import sampling
 from conftest import run, tiny_hps
 from data import load_digits
 from hps import hparams_from_preset
-from train import Trainer
+from trainer import Trainer
 from vae import VAE
 
 CELL = 8 * 4 + 2  # an 8x8 digit is drawn 4x larger, with 2 pixels of padding

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_cli_args, tiny_hps
-from train import Trainer
+from trainer import Trainer
 from vae import VAE
 
 
@@ -150,7 +150,7 @@ def test_adam_moments_take_their_parameters_layout_after_a_resume():
     """A checkpoint written with contiguous moments (CPU) resumed channels-last (CUDA's default), and the reverse:
     load_state_dict keeps the saved strides, which CUDA's fused AdamW refuses; restore_run gives each moment its
     parameter's layout (the CPU kernel tolerates the mismatch, so the layouts are checked directly)."""
-    from train import reshape_optimizer_state_like_parameters
+    from trainer import reshape_optimizer_state_like_parameters
 
     for saved_layout, resumed_layout in [("off", "on"), ("on", "off")]:
         torch.manual_seed(0)
@@ -175,11 +175,11 @@ def test_compiled_accumulation_passes_share_one_graph(monkeypatch):
     first pass compiled (with the index as a Python int on the modules, each pass compiled its own graphs)."""
     from torch._dynamo.testing import CompileCounter
 
-    import train as train_module
+    import trainer as trainer_module
 
     counter = CompileCounter()
     real_compile = torch.compile
-    monkeypatch.setattr(train_module.torch, "compile", lambda module: real_compile(module, backend=counter))
+    monkeypatch.setattr(trainer_module.torch, "compile", lambda module: real_compile(module, backend=counter))
     torch._dynamo.reset()
     torch.manual_seed(0)
     trainer = Trainer(tiny_hps(n_batch=4, grad_accum=4, compile=True), torch.device("cpu"))
@@ -201,7 +201,7 @@ def _auto_hps(**overrides):
 
 def _fake_measure(seconds: dict, losses: dict | None = None, calls: list | None = None):
     """A timer stand-in: seconds per step (and fixed-batch loss) by (precision, channels_last, grad_checkpoint)."""
-    def measure(H, device, settings, trainer_class):
+    def measure(H, device, settings):
         key = (settings["precision"], settings["channels_last"], settings["grad_checkpoint"])
         if calls is not None:
             calls.append(key)
@@ -216,13 +216,13 @@ def test_auto_picks_the_fastest_measured_setting_and_a_low_precision_only_when_a
     cpu = torch.device("cpu")
     seconds = {("fp32", "on", "none"): 0.5, ("bf16", "off", "none"): 0.3, ("fp32", "off", "gelu"): 0.9}
     calls = []
-    choice = speed.choose_speed_settings(_auto_hps(), cpu, 1e6, Trainer, log=lambda m: None,
+    choice = speed.choose_speed_settings(_auto_hps(), cpu, 1e6, log=lambda m: None,
                                          cache_path=tmp_path / "a.json", measure=_fake_measure(seconds, calls=calls))
     assert choice == {"precision": "bf16", "channels_last": "off", "grad_checkpoint": "none"}
     assert len(calls) == 8  # 2 precisions x 2 layouts x (none, gelu): the tiny model fits without recomputing
     # the same timings, but bf16 moves the fixed batch's loss by 2%: the fastest fp32 setting instead
     losses = {k: 5.0 for k in calls} | {("bf16", "off", "none"): 5.1}
-    choice = speed.choose_speed_settings(_auto_hps(), cpu, 1e6, Trainer, log=lambda m: None,
+    choice = speed.choose_speed_settings(_auto_hps(), cpu, 1e6, log=lambda m: None,
                                          cache_path=tmp_path / "b.json", measure=_fake_measure(seconds, losses))
     assert choice == {"precision": "fp32", "channels_last": "on", "grad_checkpoint": "none"}
 
@@ -233,12 +233,12 @@ def test_explicit_speed_flags_win_over_auto(tmp_path):
     calls = []
     measure = _fake_measure({("fp32", "off", "gelu"): 0.1}, calls=calls)
     fixed = tiny_hps(precision="fp32", channels_last="on", grad_checkpoint="blocks")
-    assert speed.choose_speed_settings(fixed, torch.device("cpu"), 1e6, Trainer, cache_path=tmp_path / "c.json",
+    assert speed.choose_speed_settings(fixed, torch.device("cpu"), 1e6, cache_path=tmp_path / "c.json",
                                        measure=measure) == {"precision": "fp32", "channels_last": "on",
                                                             "grad_checkpoint": "blocks"}
     assert calls == []  # nothing left to decide: no probe
     partly = tiny_hps(precision="fp32", channels_last="auto", grad_checkpoint="gelu")
-    choice = speed.choose_speed_settings(partly, torch.device("cpu"), 1e6, Trainer, log=lambda m: None,
+    choice = speed.choose_speed_settings(partly, torch.device("cpu"), 1e6, log=lambda m: None,
                                          cache_path=tmp_path / "c.json", measure=measure)
     assert sorted(calls) == [("fp32", "off", "gelu"), ("fp32", "on", "gelu")]  # only the auto field varies
     assert choice == {"precision": "fp32", "channels_last": "off", "grad_checkpoint": "gelu"}
@@ -251,7 +251,7 @@ def test_the_cache_spares_the_probe_until_torch_or_the_model_changes(tmp_path, m
     measure = _fake_measure({}, calls=calls)
 
     def choose(h):
-        return speed.choose_speed_settings(h, torch.device("cpu"), 1e6, Trainer, log=log.append, cache_path=cache,
+        return speed.choose_speed_settings(h, torch.device("cpu"), 1e6, log=log.append, cache_path=cache,
                                            measure=measure)
     first = choose(_auto_hps())
     probes = len(calls)
@@ -271,7 +271,7 @@ def test_short_runs_use_the_rule_and_memory_decides_the_recomputation(tmp_path):
     import speed
 
     calls, log = [], []
-    choice = speed.choose_speed_settings(_auto_hps(), torch.device("cpu"), 20, Trainer, log=log.append,
+    choice = speed.choose_speed_settings(_auto_hps(), torch.device("cpu"), 20, log=log.append,
                                          cache_path=tmp_path / "d.json", measure=_fake_measure({}, calls=calls))
     assert calls == [] and "by rule" in log[-1] and choice["grad_checkpoint"] == "none"
     # activation memory, measured on the meta device: recomputing GELUs saves memory, recomputing blocks more
@@ -295,7 +295,7 @@ def test_the_probe_leaves_the_runs_random_stream_alone(tmp_path):
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    choice = speed.choose_speed_settings(_auto_hps(), torch.device("cpu"), 1e6, Trainer, log=lambda m: None,
+    choice = speed.choose_speed_settings(_auto_hps(), torch.device("cpu"), 1e6, log=lambda m: None,
                                          cache_path=tmp_path / "c.json")
     assert set(choice) == set(speed.SPEED_FIELDS)
     assert torch.equal(torch.rand(3), expected)

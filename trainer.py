@@ -1,0 +1,405 @@
+"""One training stage and what a run carries from stage to stage.
+
+The Trainer holds what a stage updates (the model, its EMA copy, AdamW and its schedule, under the run's precision,
+memory format and compilation) and takes one update per ``step``. Beside it: the run's counters (RunState), the
+on-device running figures between log lines (Window, SkipCounter), the checkpoint dict and the resume from one, the
+plan of a family's stages, and the signal that asks a run to save and stop. train.py drives these; bench/ and
+speed.py time the same Trainer.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from checkpoint import CHECKPOINT_FORMAT, load_checkpoint, load_newest_checkpoint
+from data import binarize, random_shift
+from hps import MODEL_FIELDS, Hyperparams
+from models import build_model, checkpoint_from_openai, is_openai_checkpoint
+from utils import (Dist, UserError, autocast, device_rng_state, resolve_channels_last, resolve_precision,
+                   saved_device_rng_state, set_device_rng_state)
+
+# what every family's forward returns besides its own figures (the vqvae's codebook perplexity and so on)
+LOSS_KEYS = ("loss_nats", "loss", "recon", "kl")
+
+
+@dataclass
+class RunState:
+    """The counters a checkpoint carries and a resume restores: the step (counted through every stage), where the
+    data order stands, the updates skipped so far, and the current stage's first and last step."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # global batches of the current epoch already trained on
+    skipped: int = 0
+    stage_start: int = 0
+    stage_end: float = 0
+    attribute_means: list[float] | None = None  # multi-label data: how often each attribute is on
+
+    def take_counters(self, ckpt: dict, stage_start: int) -> None:
+        self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+        self.skipped, self.stage_start = ckpt["skipped_updates"], stage_start
+
+
+def stage_budget(H: Hyperparams, index: int) -> tuple[int, float, float]:
+    """(steps, peak learning rate, weight decay) of the family's training stage ``index``: --max_steps, --lr and --wd
+    for the first (the only one of most families), --prior_steps, --prior_lr and --prior_wd for the second (0, 0
+    and -1: the first's)."""
+    if index == 0:
+        return H.max_steps, H.lr, H.wd
+    return H.prior_steps or H.max_steps, H.prior_lr or H.lr, H.wd if H.prior_wd == -1 else H.prior_wd
+
+def lr_factor(H: Hyperparams, step: int, steps: int) -> float:
+    """Linear warm-up to the peak rate, then constant (the paper) or cosine decay to 0 at the stage's ``steps``
+    (``step`` counts from the stage's start)."""
+    warm = min(1.0, step / H.warmup_iters) if H.warmup_iters > 0 else 1.0
+    if H.lr_decay == "cosine" and step > H.warmup_iters:
+        progress = min(1.0, (step - H.warmup_iters) / max(1, steps - H.warmup_iters))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return warm
+
+@torch.no_grad()
+def ema_update(ema_params: list[torch.Tensor], params: list[torch.Tensor], rate: float) -> None:
+    torch._foreach_lerp_(ema_params, params, 1.0 - rate)
+
+class Trainer:
+    """What one training stage updates: the model, its EMA copy, AdamW over the stage's parameters and its schedule,
+    under the run's precision, memory format and compilation settings. ``step`` is one update. Most families train
+    in one stage; the vqvae trains its autoencoder, then its prior (``stage``), each with a Trainer of its own."""
+
+    def __init__(self, H: Hyperparams, device: torch.device, fused: bool | None = None, dist: Dist | None = None,
+                 stage: str | None = None):
+        self.H, self.device, self.dist = H, device, dist or Dist()
+        if device.type == "cuda":  # TF32 for what stays fp32; fixed shapes let cuDNN pick its fastest kernels
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
+        self.amp_dtype = resolve_precision(H.precision, device)
+        self.channels_last = resolve_channels_last(H.channels_last, device)
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.model = build_model(H).to(device, memory_format=memory_format)
+        self.stage = stage or self.model.stages[0]
+        self.model.stage = self.stage  # what the loss optimises (the vqvae: its autoencoder's or its prior's)
+        self.trained = self.model.stage_parameters(self.stage)
+        trained_ids = {id(p) for p in self.trained}
+        for p in self.model.parameters():  # frozen in this stage: no gradient for DDP to wait for
+            p.requires_grad_(id(p) in trained_ids)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        ema_params = dict(self.ema.named_parameters())
+        # the EMA follows the trained parameters; the frozen ones equal their EMA (a stage starts from it)
+        self.ema_pairs = ([ema_params[n] for n, p in self.model.named_parameters() if id(p) in trained_ids],
+                          self.trained)
+        self.stage_steps, stage_lr, stage_wd = stage_budget(H, self.model.stages.index(self.stage))
+        # DDP and the compiled wrapper only run the forward pass; checkpoints hold self.model's plain weights
+        self.ddp = None
+        if self.dist.world > 1:  # gradients are averaged over ranks in the backward pass
+            self.ddp = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        wrapped = self.ddp or self.model
+        self.forward = torch.compile(wrapped) if H.compile else wrapped
+        # fused AdamW can skip an update on the device (found_inf), so a step needs no host round trip;
+        # ``fused=False`` (bench/throughput.py's baseline) keeps the foreach implementation
+        self.fused = device.type in ("cuda", "cpu") if fused is None else fused
+        self.optimizer = torch.optim.AdamW(self.trained, lr=stage_lr, weight_decay=stage_wd,
+                                           betas=(H.adam_beta1, H.adam_beta2), fused=self.fused or None)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lambda step: lr_factor(H, step, self.stage_steps))
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
+        self.noise_index = torch.zeros((), dtype=torch.long, device=device)  # see _forward
+        self.extra_metrics: tuple[str, ...] | None = None  # a family's own batch figures (codebook perplexity)
+
+    def settings(self) -> str:
+        precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + scaler"}
+        return (f"precision {precision[self.amp_dtype]}, channels_last {self.channels_last}, "
+                f"compile {self.H.compile}, grad_checkpoint {self.H.grad_checkpoint}, fused AdamW {self.fused}")
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One update on the negative ELBO (nats/dim) from this rank's share of a global batch (``grad_accum``
+        passes of ``n_batch`` images, as epoch_batches yields it), skipped when a loss or the gradient is not
+        finite or the gradient norm reaches ``skip_threshold``; the schedule and the EMA advance either way, as
+        in openai/vdvae. Returns device tensors: skipped (bool) and the figures ``metric_names`` names (loss, recon,
+        kl in bits/dim, grad norm, then the family's own scalars, such as the vqvae's codebook perplexity)."""
+        H, accum = self.H, self.H.grad_accum
+        passes = zip(images.chunk(accum), labels.chunk(accum) if labels is not None else [None] * accum)
+        rng = (torch.get_rng_state(), device_rng_state(self.device)) if accum > 1 else None
+        self.optimizer.zero_grad(set_to_none=True)
+        stats = None
+        for k, (x, y) in enumerate(passes):
+            if k > 0:  # every pass draws the global batch's shifts and noise from the same state and takes its slice
+                torch.set_rng_state(rng[0])
+                set_device_rng_state(rng[1], self.device)
+            shard = (k * self.dist.world + self.dist.rank, accum * self.dist.world)
+            last = k == accum - 1
+            # gradients sum locally over the passes; DDP averages them over ranks in the last backward only
+            with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
+                x = random_shift(x, H.augment_shift, shard=shard)
+                if H.likelihood == "bernoulli":  # dynamic binarization: a fresh draw of the pixels every step
+                    x = binarize(x, shard=shard)
+                out = self._forward(x, y, shard)
+                loss = out["loss_nats"] / accum  # the mean over the global batch: equal-sized passes
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            if self.extra_metrics is None:  # every 0-dim output beyond the loss terms, in the family's order
+                self.extra_metrics = tuple(name for name, v in out.items() if name not in LOSS_KEYS and v.ndim == 0)
+            figures = [out["loss"], out["recon"], out["kl"], *(out[k] for k in self.extra_metrics)]
+            figures = torch.stack([f.detach().float() for f in figures]) / accum
+            stats = figures if stats is None else stats + figures
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trained, H.grad_clip or math.inf)
+        # every rank takes the same decision: the averaged gradient is the same everywhere, the losses are not
+        bad_loss = self.dist.all_reduce((~torch.isfinite(stats[0])).float(), op="max") > 0
+        skip = bad_loss | ~torch.isfinite(grad_norm)
+        if H.skip_threshold > 0:
+            skip = skip | (grad_norm >= H.skip_threshold)
+        self._update(skip)
+        self.scheduler.step()
+        ema_update(*self.ema_pairs, H.ema_rate)
+        return skip, torch.cat([stats[:3], grad_norm.detach().float()[None], stats[3:]])
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """What the figures ``step`` returns are, in order."""
+        return ("loss", "recon", "kl", "grad_norm", *(self.extra_metrics or ()))
+
+    def _forward(self, images: torch.Tensor, labels: torch.Tensor | None, shard: tuple[int, int]) -> dict:
+        if shard[1] > 1:  # posterior noise: this pass's slice of the global batch's draw
+            # the slice index is a device tensor changed in place, not a Python int on the modules: compiled, one
+            # graph serves every accumulation pass (an int attribute made each pass compile a graph of its own)
+            self.noise_index.fill_(shard[0])
+            self.model.set_noise_shard(self.noise_index, shard[1])
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.amp_dtype):
+            return self.forward(images, labels)
+
+    def _update(self, skip: torch.Tensor) -> None:
+        if self.scaler is not None:  # fp16: the scaler also skips overflowing steps and adapts its scale
+            if not skip.item():
+                self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif self.fused:
+            self.optimizer.found_inf = skip.float()  # 1 leaves weights, moments and step count untouched
+            self.optimizer.step()
+        elif not skip.item():
+            self.optimizer.step()
+
+@torch.no_grad()
+def reshape_optimizer_state_like_parameters(optimizer: torch.optim.Optimizer) -> None:
+    """Give every per-parameter optimiser tensor (Adam's moments) its parameter's memory layout.
+    ``load_state_dict`` keeps the saved strides, so moments saved contiguous (CPU) and resumed channels-last (CUDA),
+    or the reverse, fail the fused kernel's same-layout check; the speed settings may differ on resume."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    optimizer.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+class Window:
+    """Running means of the training figures between two log lines (skipped updates left out), kept on
+    the device so that only a log line waits for it."""
+
+    def __init__(self, device: torch.device, dist: Dist | None = None):
+        self.device, self.dist = device, dist or Dist()
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: torch.Tensor | int = 0  # a tensor of the step's figures once one is added
+        self.kept = torch.zeros((), device=self.device)
+        self.steps, self.t0 = 0, time.perf_counter()
+
+    def add(self, skip: torch.Tensor, stats: torch.Tensor) -> None:
+        self.steps += 1
+        self.sums = self.sums + torch.where(skip, 0.0, stats)
+        self.kept += (~skip).float()
+
+    def summary(self, global_batch: int, names: tuple[str, ...]) -> dict:
+        """The means of the figures ``names`` names (Trainer.metric_names) and the images per second."""
+        elapsed = time.perf_counter() - self.t0
+        *sums, kept = self.dist.all_reduce(torch.cat([self.sums, self.kept[None]])).tolist()  # over all ranks
+        out = {k: v / max(1.0, kept) for k, v in zip(names, sums)}
+        out["img_per_s"] = round(self.steps * global_batch / elapsed, 2) if elapsed > 0 else 0.0
+        self.reset()
+        return out
+
+class SkipCounter:
+    """Updates skipped so far and the longest run of them in a row, kept on the device so that a step never waits
+    for the host; read back only where the log, a checkpoint or the skip limit needs the figure."""
+
+    def __init__(self, skipped: int, device: torch.device):
+        self.total = torch.tensor(skipped, device=device)
+        self.in_a_row = torch.zeros((), dtype=torch.long, device=device)
+        self.longest_in_a_row = torch.zeros((), dtype=torch.long, device=device)
+
+    def add(self, skip: torch.Tensor) -> None:
+        self.total += skip
+        self.in_a_row = (self.in_a_row + 1) * skip
+        self.longest_in_a_row = torch.maximum(self.longest_in_a_row, self.in_a_row)
+
+    def count(self) -> int:
+        return int(self.total)
+
+
+def checkpoint_dict(H: Hyperparams, trainer: Trainer, state: RunState, class_names) -> dict:
+    """The checkpoint: one plain dict of tensors, numbers, strings and lists (loadable with weights_only)."""
+    return {
+        # what batch_in_epoch counts, for a resume with another number of processes or passes
+        "global_batch": H.n_batch * trainer.dist.world * H.grad_accum,
+        "format": CHECKPOINT_FORMAT,
+        "model": trainer.model.state_dict(),
+        "ema": trainer.ema.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": trainer.scheduler.state_dict(),
+        "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
+        "step": state.step,
+        "epoch": state.epoch,
+        "batch_in_epoch": state.batch_in_epoch,
+        "skipped_updates": state.skipped,
+        "hps": H.to_dict(),
+        "class_names": list(class_names),
+        "attribute_means": state.attribute_means,  # multi-label data: how often each attribute is on
+        # the training stage (the vqvae's autoencoder or prior; "model" for the others), the step it began at and
+        # the step it ends at: a later stage starts only from a finished one
+        "stage": trainer.stage,
+        "stage_start": state.stage_start,
+        "stage_end": state.stage_end,
+        # the CPU's and this process's own device's generator: every rank draws the same stream by design, so
+        # rank 0's states are every rank's (a list of all visible GPUs' states would not survive a resume on
+        # fewer GPUs, and would hand the other ranks rank 0's GPU state by index)
+        "rng": {"torch": torch.get_rng_state(), "device": device_rng_state(trainer.device)},
+    }
+
+def checkpoint_to_resume(H: Hyperparams, run_dir: Path, warn) -> tuple[Path, dict] | None:
+    """What ``--restore`` names: a file (exactly that one), or a folder or ``latest`` (the folder's newest
+    checkpoint that loads, falling back past damaged ones; ``latest`` in a folder without any: a fresh run)."""
+    if not H.restore:
+        return None
+    if is_openai_checkpoint(H.restore):  # their weights as a starting point (a zero class embedding if conditional)
+        return Path(H.restore), checkpoint_from_openai(H.restore, H.hps, H.n_classes)
+    if H.restore != "latest" and not Path(H.restore).is_dir():
+        return Path(H.restore), load_checkpoint(H.restore)
+    folder = run_dir if H.restore == "latest" else Path(H.restore)
+    found = load_newest_checkpoint(folder, warn)
+    if found is None and H.restore != "latest":
+        raise UserError(f"run folder {folder} holds no checkpoint (use --restore latest to start one there)")
+    return found
+
+def check_same_model(path: Path, ckpt: dict, H: Hyperparams) -> None:
+    """A checkpoint resumes only into a model that computes the same function: every field of MODEL_FIELDS
+    must match (a missing field in an older checkpoint counts as its default)."""
+    saved = {**Hyperparams().to_dict(), **ckpt["hps"]}
+    differ = [f"--{k} ({saved[k]!r} there, {getattr(H, k)!r} here)" for k in MODEL_FIELDS if saved[k] != getattr(H, k)]
+    if differ:
+        raise UserError(f"cannot resume {path}: the model differs in {'; '.join(differ)}")
+
+def restore_run(path: Path, ckpt: dict, H: Hyperparams, trainer: Trainer, state: RunState) -> None:
+    """Load weights, EMA, optimiser, schedule, scaler, counters and RNG state from a checkpoint of the same
+    model (only the weights from a weights-only one, such as a converted openai/vdvae file)."""
+    check_same_model(path, ckpt, H)
+    trainer.model.load_state_dict(ckpt["model"])
+    trainer.ema.load_state_dict(ckpt["ema"])
+    if "optimizer" not in ckpt:  # weights only (converted from openai/vdvae): a new run starts from them
+        return
+    trainer.optimizer.load_state_dict(ckpt["optimizer"])
+    trainer.scheduler.load_state_dict(ckpt["scheduler"])
+    if trainer.scaler is not None and ckpt.get("scaler"):
+        trainer.scaler.load_state_dict(ckpt["scaler"])
+    state.take_counters(ckpt, stage_start=ckpt.get("stage_start", 0))
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    set_device_rng_state(saved_device_rng_state(ckpt["rng"]), trainer.device)
+    reshape_optimizer_state_like_parameters(trainer.optimizer)
+
+def start_after_stage(ckpt: dict, trainer: Trainer, state: RunState) -> None:
+    """Begin ``trainer``'s stage where the finished stage of ``ckpt`` (a checkpoint dict, read from a file or just
+    built in this process) left off: from its EMA weights, raw and EMA alike (the stage-1 weights a VQ-VAE's prior
+    learns the codes of are the ones sampling and evaluation use), with a fresh optimiser and schedule, the steps
+    counting on, and its RNG state: the same run whether the stages ran in one process or two."""
+    trainer.model.load_state_dict(ckpt["ema"])
+    trainer.ema.load_state_dict(ckpt["ema"])
+    state.take_counters(ckpt, stage_start=ckpt["step"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    set_device_rng_state(saved_device_rng_state(ckpt["rng"]), trainer.device)
+
+@dataclass
+class StageStart:
+    """Where a stage begins: "fresh" (new weights), "resume" (a checkpoint of this stage, where it stopped; also a
+    weights-only checkpoint) or "next" (after a finished stage, from its EMA weights), with that checkpoint's dict
+    and the file it came from (None: the stage this process has just trained)."""
+
+    kind: str
+    ckpt: dict | None = None
+    path: Path | None = None
+
+
+def plan_stages(H: Hyperparams, stages: tuple[str, ...],
+                resume: tuple[Path, dict] | None) -> tuple[list[str], StageStart]:
+    """The stages this run trains, in order (``--stage all``: each of the family's from where the run stands; else
+    the one named), and where the first begins."""
+    wanted = list(stages) if H.stage == "all" else [H.stage]
+    if resume is None:
+        if wanted[0] != stages[0]:
+            raise UserError(f"--stage {H.stage} trains on top of a finished {stages[stages.index(H.stage) - 1]} "
+                            f"stage: name that run with --restore RUN")
+        return wanted, StageStart("fresh")
+    path, ckpt = resume
+    saved = ckpt.get("stage", stages[0])  # older checkpoints: single-stage families
+    if saved in wanted:
+        return wanted[wanted.index(saved):], StageStart("resume", ckpt, path)
+    first, done = stages.index(wanted[0]), stages.index(saved)
+    if first < done:
+        raise UserError(f"{path} is in its {saved} stage, after the {wanted[0]} stage: to train that stage again, "
+                        f"start a new run folder (--save_dir) without --restore")
+    if first > done + 1:
+        raise UserError(f"{path} has finished no {stages[first - 1]} stage yet: train it first "
+                        f"(--stage {stages[first - 1]})")
+    if ckpt["step"] < ckpt.get("stage_end", 0):
+        raise UserError(f"the {saved} stage of {path} is unfinished (step {ckpt['step']} of {ckpt['stage_end']}): "
+                        f"finish it with --stage {saved} --restore {path}, or train both with --stage all")
+    return wanted, StageStart("next", ckpt, path)
+
+class StopSignal:
+    """SIGINT or SIGTERM (a cluster's notice of pre-emption) asks the loop to save and exit after the current
+    step; the handler is then taken away, so a second signal stops the process at once.
+
+    Under torchrun the signal may reach one rank, or reach them at different steps, while all must save and leave
+    at the same step. Each step every rank posts what it received to a non-blocking all-reduce (max) on a gloo
+    group of its own, which works beside NCCL on CPU tensors, and reads the previous step's result: every rank
+    learns of a signal one or two steps after it arrived, with no device synchronisation. torchrun and SLURM send
+    SIGKILL some 30 s after SIGTERM, so waiting for a log step (100 steps of cifar10) was too late."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, dist: Dist | None = None):
+        self.received: int | None = None
+        self.world = (dist or Dist()).world
+        self._group = torch.distributed.new_group(backend="gloo") if self.world > 1 else None
+        self._pending: tuple | None = None  # (work, flag) of the previous step's vote
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+        signal.signal(signum, signal.SIG_DFL)
+
+    def agreed(self) -> int | None:
+        """The signal to stop on, the same on every rank (None: carry on); call once per step on every rank."""
+        if self.world == 1:
+            return self.received
+        result = None
+        if self._pending is not None:
+            work, flag = self._pending
+            work.wait()
+            result = int(flag) or None
+        flag = torch.tensor(self.received or 0)
+        work = torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._group,
+                                            async_op=True)
+        self._pending = (work, flag)
+        return result
+
+    def close(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
