@@ -29,6 +29,9 @@ def format_table(r: dict) -> str:
         lines += [f"      at {res:>4}x{res:<4}{'':{width - 13}}{v:.4f}" for res, v in r["kl_per_resolution"].items()]
     lines.append(f"  IW bound (K={r['iw_samples']:<5})   {r['bpd_iw']:.4f}")
     lines.append(f"  negative ELBO in nats per image: {r['nats_per_image']:.2f}")
+    if r.get("per_class_bpd") and r.get("class_embedding_is_zero"):
+        lines.append("  the class embedding is all zeros: the model is unconditional, so the classes below differ "
+                     "only in their images")
     for name, v in r.get("per_class_bpd", {}).items():
         lines.append(f"  class {name:<14} {v:.4f}")
     if "gen_class_acc" in r:

@@ -25,7 +25,7 @@ from cvae import CVAE, VLAE
 from family import Family
 from hps import FAMILY_STAGES, MODELS, PRESETS, Hyperparams, hparams_from_preset, hparams_without_data
 from checkpoint import CHECKPOINT_FORMAT, load_checkpoint
-from utils import UserError
+from utils import DEFAULT_WEIGHTS, UserError
 from vae import VAE
 from vqvae import VQVAE
 
@@ -40,6 +40,13 @@ ABILITY_NAMES = {"groups": "latent groups to explore", "prior_noise": "prior noi
 def build_model(H: Hyperparams) -> Family:
     """A fresh model of the family ``H.model`` names."""
     return FAMILIES[H.model](H)
+
+
+def class_embedding_is_zero(model: nn.Module) -> bool:
+    """The model has a class embedding and every entry of it is zero: its outputs do not depend on the class (an
+    openai/vdvae model converted with --n_classes and not trained since)."""
+    embeddings = [p for name, p in model.named_parameters() if "class_emb" in name]
+    return bool(embeddings) and all(not p.detach().any() for p in embeddings)
 
 
 def require_ability(model: Family, ability: str, what: str) -> None:
@@ -65,7 +72,7 @@ def load_model(weights: str, device: torch.device, use_ema: bool = True,
     """Build the model a checkpoint describes (ours ``.pt``, an exported ``.safetensors``, or openai/vdvae's
     ``.th`` with its preset named by ``hps``) and load its (EMA) weights; returns it with the class names."""
     weights = local_weights(weights)  # hf:ORG/NAME: the file in huggingface_hub's cache
-    if str(weights).endswith(".safetensors"):
+    if weights_format(weights) == "safetensors":
         state, hps_dict, class_names, attribute_means, kind = load_safetensors(weights)
         if not use_ema and kind != "model":  # an export holds one set of weights: say so rather than ignore the flag
             raise UserError(f"{weights} holds the EMA weights only (exported without --raw_weights): use it without "
@@ -84,9 +91,63 @@ def load_model(weights: str, device: torch.device, use_ema: bool = True,
     return model.to(device).eval(), list(class_names)
 
 
+MISSING_WEIGHTS_ADVICE = (f"weights come from the digits model shipped in {DEFAULT_WEIGHTS} (the default), a run "
+                          f"of train.py (its folder, or a .pt file in it), one of openai/vdvae's published "
+                          f"checkpoints (name its preset with --hps, or convert it with convert.py: "
+                          f"docs/openai_vdvae.md), or hf:ORG/NAME on the Hugging Face hub")
+
+
+def weights_format(weights: str | Path) -> str:
+    """What a weights file is, told by its content whatever its name: "safetensors" (exported by this project),
+    "project" (a checkpoint of this project, or a run folder holding one) or "openai" (openai/vdvae's state dict of
+    tensors). A missing file says where weights come from; anything else is one line saying what it is not."""
+    path = Path(weights)
+    if path.is_dir():
+        return "project"  # a run folder: its latest.pt, checked when it is read
+    if not path.is_file():
+        raise UserError(f"weights file {path} does not exist; {MISSING_WEIGHTS_ADVICE}")
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    # safetensors: an 8-byte little-endian header length, then the JSON header
+    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size:
+        return "safetensors"
+    content = peek_torch_file(path)
+    if isinstance(content, dict) and content.get("format") == CHECKPOINT_FORMAT:
+        return "project"
+    if is_vdvae_state_dict(content):
+        return "openai"
+    raise UserError(f"{path} is not a checkpoint of this project (no '{CHECKPOINT_FORMAT}' format tag), nor an "
+                    f"exported .safetensors file, nor openai/vdvae's state dict")
+
+
+def peek_torch_file(path: Path):
+    """A torch.save file's object without reading its tensors' data where the format allows (memory-mapped), and
+    without running pickled code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err):  # the legacy (pre-zip) format cannot be mapped: read it whole
+            raise UserError(f"cannot read checkpoint {path}: {str(err).strip().splitlines()[0]}") from None
+    except Exception as err:  # noqa: BLE001 - any unreadable file means the same thing to the user
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot read checkpoint {path}: {first}") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot read checkpoint {path}: {first}") from None
+
+
+def is_vdvae_state_dict(content) -> bool:
+    """openai/vdvae's files hold their VAE's state dict: tensors only, named encoder.* and decoder.* (with
+    DistributedDataParallel's module. prefix when saved from a multi-GPU run)."""
+    return (isinstance(content, dict) and bool(content) and all(isinstance(v, torch.Tensor) for v in content.values())
+            and all(str(k).removeprefix("module.").split(".")[0] in ("encoder", "decoder") for k in content))
+
+
 def load_any_checkpoint(weights: str, hps: str | None = None) -> dict:
-    """Our checkpoint, or openai/vdvae's ``.th`` state dict converted to one (it needs its preset)."""
-    if is_openai_checkpoint(weights):
+    """Our checkpoint, or openai/vdvae's state dict converted to one (it needs its preset)."""
+    if weights_format(weights) == "openai":
         if not hps:
             raise UserError(f"{weights} is an openai/vdvae checkpoint: name its preset with --hps "
                             f"(cifar10, imagenet32, imagenet64, ffhq256 or ffhq1024)")
@@ -146,7 +207,8 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 
 def is_openai_checkpoint(path: str | Path) -> bool:
-    return str(path).endswith(".th")
+    """An openai/vdvae state dict, by its content (their files end in .th, renamed copies in anything)."""
+    return Path(path).is_file() and weights_format(path) == "openai"
 
 
 def openai_hparams(preset: str, n_classes: int = 0) -> Hyperparams:
@@ -260,7 +322,7 @@ def training_command(hps: dict) -> str:
 def export_folder(weights: str, out: Path, use_ema: bool = True, hps: str | None = None) -> dict:
     """A folder for a model hub: ``model.safetensors`` and ``config.json`` (settings, class names, step); returns
     the checkpoint it came from (write_model_card adds the card)."""
-    ckpt = load_any_checkpoint(weights, hps) if not str(weights).endswith(".safetensors") else None
+    ckpt = load_any_checkpoint(weights, hps) if weights_format(weights) != "safetensors" else None
     if ckpt is None:
         state, hps_dict, class_names, attribute_means, kind = load_safetensors(weights)
         ckpt = {"ema" if kind == "ema" else "model": state, "hps": hps_dict, "class_names": class_names,

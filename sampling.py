@@ -15,7 +15,7 @@ from torch import nn
 
 from data import Split, load_data_for
 from hps import PRECISIONS
-from models import load_model, require_2d_latent, require_ability
+from models import class_embedding_is_zero, load_model, require_2d_latent, require_ability
 from images import check_empty_folder, crop_padding, folder_name, labelled_grid, save_gif, save_grid, save_image_folder
 from utils import (CliParser, UserError, add_checkpoint_flags, autocast, available_memory, check_output_file,
                    check_output_folder, pick_device, resolve_precision)
@@ -191,6 +191,14 @@ class Session:
     def n(self, default: int) -> int:
         return self.args.n if self.args.n is not None else default
 
+    def refuse_class_if_ignored(self, flag: str) -> None:
+        """A class asked for (``flag``) of a model whose class embedding is all zeros would change nothing: one
+        line saying the model is unconditional (without the flag, it still samples)."""
+        if self.conditional and class_embedding_is_zero(self.model):
+            raise UserError(f"{self.args.weights} is an unconditional model: its class embedding is all zeros (an "
+                            f"openai/vdvae model converted with --n_classes and not trained since), so {flag} "
+                            f"would change nothing; leave {flag} out to sample it")
+
     def require_classes(self, mode: str) -> None:
         if not self.conditional:
             raise UserError(f"{self.args.weights} is an unconditional model: {mode} needs classes")
@@ -209,6 +217,8 @@ class Session:
             if text:
                 raise UserError(f"{self.args.weights} conditions on attributes: use --attributes, not --class")
             return self.attribute_rows()[0][0]
+        if text:
+            self.refuse_class_if_ignored("--class")
         return parse_classes(text, self.class_names)[0] if text else 0
 
     def attribute_rows(self) -> tuple[torch.Tensor, list[str]]:
@@ -312,6 +322,8 @@ def run_grid(s: Session) -> str:
         per_class = args.n_per_class or s.n(10)
         nrow, n = per_class, len(rows) * per_class
     elif s.conditional:
+        if args.classes:
+            s.refuse_class_if_ignored("--classes")
         classes = parse_classes(args.classes, s.class_names)
         per_class = args.n_per_class or s.n(10)
         nrow, n = per_class, len(classes) * per_class
@@ -474,6 +486,7 @@ def run_interp(s: Session) -> str:
     ts = torch.linspace(0.0, 1.0, args.frames).tolist()
     if args.classes is not None:  # a fixed latent, the class embedding moving from one class to the other
         s.require_classes("interp --classes")
+        s.refuse_class_if_ignored("--classes")
         pair = parse_classes(args.classes, s.class_names)
         if len(pair) != 2:
             raise UserError(f"--classes needs two classes, got {args.classes!r}")
@@ -558,6 +571,7 @@ def run_swap(s: Session) -> str:
     args = s.args
     require_ability(s.model, "prior_noise", "sample.py swap")
     s.require_classes("swap")
+    s.refuse_class_if_ignored("swap")
     k = parse_ints(args.k, "--k", 0, s.n_groups)[0] if args.k else s.n_groups
     targets = parse_classes(args.classes or "", s.class_names)
     indices = parse_ints(args.images, "--images", 0, 10**9) if args.images else None

@@ -16,7 +16,7 @@ import torch
 
 from checkpoint import resolve_checkpoint
 from data import Split, eval_batches, load_data_for
-from models import load_model, local_weights
+from models import class_embedding_is_zero, load_model, local_weights
 from utils import Dist, pick_device
 
 
@@ -155,6 +155,7 @@ def evaluate_checkpoint(weights: str, split_name: str = "test", iw_samples: int 
     else:
         result["bpd_iw"] = elbo["loss"]
     labels = split.labels
+    result["class_embedding_is_zero"] = class_embedding_is_zero(model)
     if H.n_classes > 0 and not H.multi_label:  # per class and generative classification: one class per image
         result["per_class_bpd"] = {name: elbo["per_image"][labels == c].mean().item()
                                    for c, name in enumerate(class_names) if (labels == c).any()}
