@@ -118,7 +118,14 @@ class Hyperparams:
     warmup_iters: int = _f(100, "steps of linear learning-rate warm-up")
     lr_decay: str = _f("none", "learning-rate decay after warm-up: none or cosine (to 0 at max_steps)")
     grad_clip: float = _f(200.0, "clip the gradient norm (of the loss in nats/dim) to this")
-    skip_threshold: float = _f(400.0, "skip updates whose gradient norm exceeds this (-1: never skip)")
+    skip_threshold: float | str = _f("auto", "skip updates whose gradient norm reaches this: a number, -1 (never "
+                                     "skip) or auto (skip an outlier against the recent norms: above their running "
+                                     "log-mean plus 5 running log-standard deviations, and over twice their typical "
+                                     "size; the statistic follows every finite norm, so a lasting rise is absorbed "
+                                     "within a few hundred steps while a lone spike is skipped; "
+                                     "--skip_threshold_start until 100 norms have been seen)")
+    skip_threshold_start: float = _f(400.0, "with --skip_threshold auto: the fixed threshold of the first 100 "
+                                     "updates, the preset's former fixed threshold (-1: none)")
     ema_rate: float = _f(0.9999, "exponential moving average rate of the weights used to evaluate and sample")
     n_batch: int = _f(16, "training images per forward pass (per device)")
     grad_accum: int = _f(1, "forward/backward passes whose gradients are summed into one update (gradients are "
@@ -139,8 +146,9 @@ class Hyperparams:
     memory_budget: float = _f(0.0, "GB of memory the run may use, for --grad_checkpoint auto (0: the free GPU memory, "
                               "or the free RAM on the CPU)")
     # run length and bookkeeping
-    max_steps: int = _f(0, "stop after this many optimizer steps, then evaluate, sample and save (0: no limit); "
-                        "of a family trained in stages, the first stage's steps")
+    max_steps: int = _f(1_000_000, "stop after this many optimizer steps, then evaluate, sample and save (0: no "
+                        "limit; each preset sets its paper's budget); of a family trained in stages, the first "
+                        "stage's steps")
     stage: str = _f("all", "a family trained in stages (vqvae: autoencoder, then prior): all (each in turn), or one "
                     "stage's name, e.g. --stage prior --restore RUN trains the prior of a run whose autoencoder is "
                     "trained")
@@ -261,7 +269,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         dec_blocks="1x1,4m1,4x2,8m4,8x5,16m8,16x10,32m16,32x21", zdim=16, bottleneck_multiple=0.25,
         num_mixtures=10, no_bias_above=64,
         lr=2e-4, wd=0.01, adam_beta1=0.9, adam_beta2=0.9, warmup_iters=100, lr_decay="none",  # then constant
-        grad_clip=200.0, skip_threshold=400.0, ema_rate=0.9999, n_batch=16,
+        grad_clip=200.0, skip_threshold="auto", skip_threshold_start=400.0, ema_rate=0.9999, n_batch=16,
+        max_steps=1_000_000,  # the paper's budget: 2.87 bits/dim after about a million steps of 16 (x 2 GPUs)
     ),
     # scikit-learn's bundled 8x8 digits, modelled at their native 17 grey levels: under 10 CPU minutes.
     # The input shift and scale are the digits' mean and standard deviation on the 0..255 scale.
@@ -290,6 +299,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         width=128, zdim=16, num_mixtures=5, enc_blocks="32x3,32d2,16x3,16d2,8x3,8d2,4x3,4d4,1x2",
         dec_blocks="1x1,4m1,4x2,8m4,8x3,16m8,16x3,32m16,32x3", lr=5e-4, n_batch=32, ema_rate=0.999,
         eval_every=2000, save_every=2000,
+        max_steps=300_000,  # no published budget: 300k steps of 32 are about 160 passes over the 60,000 digits
     ),
     # The VQ-VAE paper's CIFAR-10 model (van den Oord et al. 2017): K=128 codes of D=256 on an 8x8 grid (two stride-2
     # stages of 128 and 256 channels), Adam at lr 1e-3 (beta2 0.999, no weight decay), batch 128, 250k steps; then
@@ -303,6 +313,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # CIFAR-10's architecture and optimiser on CIFAR-100's 100 classes. Shift and scale from CIFAR-100's
     # published per-channel statistics (means 0.507, 0.487, 0.441; std about 0.267), pooled over channels.
+    # No published budget for it, nor for svhn: cifar10's million steps, as for the same model on as many images.
     "cifar100": dict(base="cifar10", dataset="cifar100", n_classes=100, data_shift=-121.94, data_scale=1.0 / 68.39),
     # SVHN (train split only, without "extra"), CIFAR-10's architecture; published statistics (0.438, 0.444,
     # 0.473; std about 0.198).
@@ -313,6 +324,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         dataset="celeba64", n_classes=40, data_shift=-112.3, data_scale=1.0 / 77.0, width=256,
         enc_blocks="64x3,64d2,32x6,32d2,16x6,16d2,8x6,8d2,4x3,4d4,1x3",
         dec_blocks="1x1,4m1,4x2,8m4,8x5,16m8,16x8,32m16,32x12,64m32,64x4", n_batch=16, ema_rate=0.999,
+        max_steps=1_000_000,  # no published budget: cifar10's, for 162,770 images at 64x64 in batches of 16
     ),
     # openai/vdvae's ImageNet-32 model (3.80 bits/dim), class-conditional over the 1,000 classes. As in its hps.py,
     # each of its presets starts from the one before.
@@ -320,15 +332,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         base="cifar10", dataset="imagenet32", n_classes=1000, data_shift=-116.2373, data_scale=1.0 / 69.37404,
         width=512,
         enc_blocks="32x15,32d2,16x9,16d2,8x8,8d2,4x6,4d4,1x6", dec_blocks="1x2,4m1,4x4,8m4,8x9,16m8,16x19,32m16,32x40",
-        n_batch=8, lr=1.5e-4, ema_rate=0.999, grad_clip=200.0, skip_threshold=300.0,
+        n_batch=8, lr=1.5e-4, ema_rate=0.999, grad_clip=200.0, skip_threshold="auto",
+        skip_threshold_start=300.0,
+        max_steps=1_700_000,  # openai/vdvae's budget for it
     ),
     # openai/vdvae's ImageNet-64 model (3.52 bits/dim): imagenet32's classes, scale, width and optimiser.
     "imagenet64": dict(
         base="imagenet32", dataset="imagenet64", data_shift=-115.92961967,
         enc_blocks="64x11,64d2,32x20,32d2,16x9,16d2,8x8,8d2,4x7,4d4,1x5",
         dec_blocks="1x2,4m1,4x3,8m4,8x7,16m8,16x15,32m16,32x31,64m32,64x12",
-        n_batch=4, grad_clip=220.0, skip_threshold=380.0,
-        n_batch_eval=32,
+        n_batch=4, grad_clip=220.0, skip_threshold="auto", skip_threshold_start=380.0,
+        n_batch_eval=32, max_steps=1_600_000,  # openai/vdvae's budget for it
     ),
     # openai/vdvae's FFHQ-256 model (0.61 bits/dim), unconditional, at 5 bits per channel (32 levels); imagenet64's
     # width and optimiser.
@@ -337,8 +351,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         data_scale=1.0 / 69.84780273,
         enc_blocks="256x3,256d2,128x8,128d2,64x12,64d2,32x17,32d2,16x7,16d2,8x5,8d2,4x5,4d4,1x4",
         dec_blocks="1x2,4m1,4x3,8m4,8x4,16m8,16x9,32m16,32x21,64m32,64x13,128m64,128x7,256m128",
-        n_batch=1, grad_clip=130.0, skip_threshold=180.0,
+        n_batch=1, grad_clip=130.0, skip_threshold="auto", skip_threshold_start=180.0,
         n_batch_eval=8,  # evaluation holds no gradients, but 64 images at 256x256 would need some 17 GB
+        max_steps=1_700_000,  # openai/vdvae's budget for it, and (inherited) for ffhq1024
     ),
     # openai/vdvae's FFHQ-1024 model (2.42 bits/dim), unconditional, 8-bit; narrow at the top resolutions; ffhq256's
     # batch of one and EMA. Its normalisation (x/255 - 0.4387) / 0.2743 written on the 0..255 scale.
@@ -350,7 +365,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                    "4x5,4d4,1x4",
         dec_blocks="1x2,4m1,4x3,8m4,8x4,16m8,16x9,32m16,32x20,64m32,64x14,128m64,128x7,256m128,256x2,512m256,"
                    "1024m512",
-        lr=7e-5, grad_clip=360.0, skip_threshold=500.0,
+        lr=7e-5, grad_clip=360.0, skip_threshold="auto", skip_threshold_start=500.0,
         n_batch_eval=1,
     ),
     # Any image folder (--data_root): classes from its sub-folders (or none), images centre-cropped and resized
@@ -359,6 +374,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         dataset="folder", n_classes=-1, data_shift=-127.5, data_scale=1.0 / 64.0, width=256,
         enc_blocks="64x3,64d2,32x4,32d2,16x4,16d2,8x4,8d2,4x3,4d4,1x2",
         dec_blocks="1x1,4m1,4x2,8m4,8x3,16m8,16x4,32m16,32x6,64m32,64x3", n_batch=16, ema_rate=0.999,
+        max_steps=500_000,  # no published budget: half of cifar10's, for a smaller model; set it for the folder's size
     ),
 }
 
@@ -512,6 +528,17 @@ def hparams_without_data(H: Hyperparams, purpose: str = "--summary") -> Hyperpar
 # ---------------------------------------------------------------------------------------------
 
 
+def skip_threshold_value(value: float | str) -> float | str:
+    """--skip_threshold as the Trainer reads it: "auto", or a number (from the command line's text, a preset's
+    number or the float an older checkpoint stored)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"--skip_threshold must be auto, -1 (never skip) or a number, got {value!r}") from None
+
+
 def validate(h: Hyperparams) -> None:
     """Range checks that turn nonsense into a one-line error before any work starts."""
     if h.model not in MODELS:
@@ -543,6 +570,9 @@ def validate(h: Hyperparams) -> None:
         raise UserError(f"--prior_wd must be >= 0, or -1 for --wd's value, got {h.prior_wd}")
     if not 0.0 <= h.prior_dropout < 1.0:
         raise UserError(f"--prior_dropout must be in [0, 1), got {h.prior_dropout}")
+    h.skip_threshold = skip_threshold_value(h.skip_threshold)
+    if h.skip_threshold_start <= 0 and h.skip_threshold_start != -1:
+        raise UserError(f"--skip_threshold_start must be > 0, or -1 for none, got {h.skip_threshold_start}")
     for name in ["max_steps", "prior_steps", "prior_lr", "commitment_beta", "vq_downsample", "eval_every",
                  "warmup_iters", "wd", "augment_shift", "grad_clip", "memory_budget",
                  "keep_every", "keep_last", "skip_limit", "track_latents"]:

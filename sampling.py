@@ -433,8 +433,8 @@ def manifold_noise(n: int) -> torch.Tensor:
 def mean_decoding(s: Session, noise: list[torch.Tensor], labels: torch.Tensor | None, draws: int) -> torch.Tensor:
     """uint8 images: the mean of ``draws`` pixel draws from the decoder's distribution for each latent, an estimate
     (unbiased up to the rounding to uint8) of its expected image, which is what the classic manifold pictures show
-    (the Bernoulli means), for every likelihood alike. Each draw uses one set of pixel uniforms for every image (seeded from --seed), so what
-    noise is left varies smoothly across the grid."""
+    (the Bernoulli means), for every likelihood alike. Each draw uses one set of pixel uniforms for every image
+    (seeded from --seed), so what noise is left varies smoothly across the grid."""
     total = torch.zeros(())
     for i in range(draws):
         torch.manual_seed(s.args.seed + i)

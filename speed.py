@@ -235,8 +235,8 @@ def write_cache(path: Path, key: str, entry: dict) -> None:
         pass
 
 
-def time_candidate(H, device: torch.device, settings: dict[str, str],
-                   timer: Callable[[], float] = time.perf_counter) -> tuple[float, float]:
+def time_candidate(H, device: torch.device, settings: dict[str, str], timer: Callable[[], float] = time.perf_counter,
+                   steps: int = PROBE_STEPS, warmup: int = PROBE_WARMUP) -> tuple[float, float]:
     """Median seconds per training step of ``settings`` on synthetic images (through the Trainer train.py runs),
     and the loss of a fixed batch under them (for the precision check)."""
     h = copy.deepcopy(H)
@@ -255,11 +255,11 @@ def time_candidate(H, device: torch.device, settings: dict[str, str],
             loss = trainer.model(images[:H.n_batch], labels[:H.n_batch] if labels is not None else None)["loss"]
         loss = float(loss)
     times = []
-    for i in range(PROBE_WARMUP + PROBE_STEPS):
+    for i in range(warmup + steps):
         t0 = timer()
         _, stats = trainer.step(images, labels)
         stats.tolist()  # wait for the device
-        if i >= PROBE_WARMUP:
+        if i >= warmup:
             times.append(timer() - t0)
     return statistics.median(times), loss
 

@@ -33,8 +33,9 @@ from models import build_model, is_openai_checkpoint, model_summary, require_2d_
 from runlog import LatentTrajectory, NullLogger, RunLogger, read_metrics, tensorboard_writer
 from scoring import evaluate_elbo, kl_per_resolution
 from speed import choose_speed_settings
-from trainer import (RunState, SkipCounter, StageStart, StopSignal, Trainer, Window, check_same_model,
-                     checkpoint_dict, checkpoint_to_resume, plan_stages, restore_run, stage_budget, start_after_stage)
+from trainer import (RunState, SkipCounter, StageStart, StopSignal, Trainer, Window, auto_skip_limit,
+                     check_same_model, checkpoint_dict, checkpoint_to_resume, plan_stages, restore_run, stage_budget,
+                     start_after_stage)
 from utils import (Dist, UserError, autocast, check_output_folder, end_distributed, init_distributed, run_cli,
                    seeded)
 from vae import count_parameters
@@ -283,7 +284,7 @@ def after_step(run: Run, trainer: Trainer, window: Window, bar: tqdm, stop: Stop
     if H.skip_limit and step % check_every == 0 and run.skips.longest_in_a_row.item() >= H.skip_limit:
         path = save(run, trainer)  # skipped updates leave the weights alone: these are the last good ones
         raise UserError(f"stopped at step {step}: {H.skip_limit} updates in a row were skipped (non-finite loss "
-                        f"or gradient, or gradient norm >= --skip_threshold); {path} holds the last good weights. "
+                        f"or gradient, or gradient norm over --skip_threshold); {path} holds the last good weights. "
                         f"Lower --lr, raise --skip_threshold or --skip_limit, or check the data")
     received = stop.agreed()  # the same answer on every rank, at most two steps after the signal
     if received is not None:
@@ -299,15 +300,24 @@ def after_step(run: Run, trainer: Trainer, window: Window, bar: tqdm, stop: Stop
 
 def log_training(run: Run, trainer: Trainer, window: Window, bar: tqdm) -> None:
     """The training figures of the window since the last log line: the bar, metrics.jsonl and TensorBoard."""
-    state = run.state
+    state, H = run.state, run.H
     report_skipped_images(run)
     summary = window.summary(run.global_batch, trainer.metric_names)
+    # the time left at this window's speed, to the end of the stage (evaluations and saves not counted)
+    left = (state.stage_end - state.step) * run.global_batch / summary["img_per_s"] if summary["img_per_s"] else None
     run.latest_extras.update({k: summary[k] for k in trainer.extra_metrics})
     state.skipped = run.skips.count()
     bar.set_postfix(bpd=f"{summary['loss']:.3f}", gnorm=f"{summary['grad_norm']:.1f}", skipped=state.skipped,
                     img_s=f"{summary['img_per_s']:.0f}")
+    auto = {"skip_above": auto_skip_limit(trainer.skip_statistic, run.H.skip_threshold_start)} \
+        if run.H.skip_threshold == "auto" else {}  # the gradient norm the outlier rule skips above now
     run.log.metrics("train", step=state.step, epoch=state.epoch, stage=trainer.stage,
-                    lr=trainer.scheduler.get_last_lr()[0], skipped_updates=state.skipped, **summary)
+                    lr=trainer.scheduler.get_last_lr()[0], skipped_updates=state.skipped, **auto, **summary,
+                    time_left_s=None if left is None else round(left))
+    every = H.eval_every or 10 * H.log_every
+    if left is not None and state.step % every == 0 and state.step < state.stage_end:
+        run.log.info(f"step {state.step} | about {duration(left)} left to step {state.stage_end:.0f} at "
+                     f"{summary['img_per_s']:.0f} img/s")
 
 
 def save(run: Run, trainer: Trainer) -> Path:
@@ -458,6 +468,17 @@ def on_device_if_small(split: Split, device: torch.device, max_bytes: int = 2 <<
     if device.type == "cpu" or not isinstance(split.images, torch.Tensor) or split.images.numel() > max_bytes:
         return split
     return Split(split.images.to(device), split.labels.to(device))
+
+
+def duration(seconds: float) -> str:
+    """A time span as a person reads it: 45 s, 12 min, 3.5 h, 2.9 days."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 36 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
 
 
 def is_out_of_memory(err: BaseException) -> bool:

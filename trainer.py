@@ -28,6 +28,11 @@ from utils import (Dist, UserError, autocast, device_rng_state, resolve_channels
 
 # what every family's forward returns besides its own figures (the vqvae's codebook perplexity and so on)
 LOSS_KEYS = ("loss_nats", "loss", "recon", "kl")
+# --skip_threshold auto: the statistic of the log gradient norm that decides what an outlier is
+AUTO_SKIP_HISTORY = 100  # norms seen before the outlier rule replaces --skip_threshold_start
+AUTO_SKIP_RATE = 0.01  # weight of a new norm once the history is full: a lasting change is absorbed in 100s of steps
+AUTO_SKIP_SIGMAS = 5.0  # an outlier lies this many running standard deviations above the running mean ...
+AUTO_SKIP_MIN_RATIO = 2.0  # ... and at least this many times the typical norm, however steady the norms were
 
 
 @dataclass
@@ -46,6 +51,37 @@ class RunState:
     def take_counters(self, ckpt: dict, stage_start: int) -> None:
         self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
         self.skipped, self.stage_start = ckpt["skipped_updates"], stage_start
+
+
+@torch.no_grad()
+def auto_skip(statistic: torch.Tensor, grad_norm: torch.Tensor, start: float) -> torch.Tensor:
+    """Whether an update is an outlier under --skip_threshold auto, decided on the device: its gradient norm lies
+    more than AUTO_SKIP_SIGMAS running standard deviations (and a factor AUTO_SKIP_MIN_RATIO) above the running mean,
+    both of the log norm; before AUTO_SKIP_HISTORY norms are known, the fixed ``start`` decides (-1: nothing).
+    ``statistic`` (count, mean, variance of the log norm) then takes in the norm if it is finite, skipped or not,
+    with weight 1/n at first (the exact mean and variance) and AUTO_SKIP_RATE once the history is full: a lone spike
+    barely moves it, a lasting rise carries it along. Updated in place; nothing waits for the host."""
+    count, mean, var = statistic[0], statistic[1], statistic[2]
+    log_norm = torch.log(grad_norm.float().clamp_min(torch.finfo(torch.float32).tiny))
+    warm = count >= AUTO_SKIP_HISTORY
+    margin = torch.clamp(AUTO_SKIP_SIGMAS * var.clamp_min(0).sqrt(), min=math.log(AUTO_SKIP_MIN_RATIO))
+    outlier = warm & (log_norm > mean + margin)
+    if start > 0:
+        outlier = outlier | (~warm & (grad_norm >= start))
+    rate = torch.clamp(1.0 / (count + 1.0), min=AUTO_SKIP_RATE)
+    delta = log_norm - mean
+    updated = torch.stack([count + 1.0, mean + rate * delta, (1.0 - rate) * (var + rate * delta * delta)])
+    statistic.copy_(torch.where(torch.isfinite(grad_norm), updated, statistic))
+    return outlier
+
+
+def auto_skip_limit(statistic: torch.Tensor, start: float) -> float | None:
+    """The gradient norm above which --skip_threshold auto skips now (None: none); reading it waits for the
+    device, so it is read only for a log line."""
+    count, mean, var = statistic.tolist()
+    if count < AUTO_SKIP_HISTORY:
+        return start if start > 0 else None
+    return math.exp(mean + max(AUTO_SKIP_SIGMAS * math.sqrt(max(var, 0.0)), math.log(AUTO_SKIP_MIN_RATIO)))
 
 
 def stage_budget(H: Hyperparams, index: int) -> tuple[int, float, float]:
@@ -112,6 +148,8 @@ class Trainer:
                                                            lambda step: lr_factor(H, step, self.stage_steps))
         self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
         self.noise_index = torch.zeros((), dtype=torch.long, device=device)  # see _forward
+        # --skip_threshold auto: count, mean and variance of the log gradient norm (see auto_skip)
+        self.skip_statistic = torch.zeros(3, device=device)
         self.extra_metrics: tuple[str, ...] | None = None  # a family's own batch figures (codebook perplexity)
 
     def settings(self) -> str:
@@ -122,9 +160,10 @@ class Trainer:
     def step(self, images: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """One update on the negative ELBO (nats/dim) from this rank's share of a global batch (``grad_accum``
         passes of ``n_batch`` images, as epoch_batches yields it), skipped when a loss or the gradient is not
-        finite or the gradient norm reaches ``skip_threshold``; the schedule and the EMA advance either way, as
-        in openai/vdvae. Returns device tensors: skipped (bool) and the figures ``metric_names`` names (loss, recon,
-        kl in bits/dim, grad norm, then the family's own scalars, such as the vqvae's codebook perplexity)."""
+        finite or the gradient norm reaches ``skip_threshold`` (with auto: is an outlier, see auto_skip); the
+        schedule and the EMA advance either way, as in openai/vdvae. Returns device tensors: skipped (bool) and the
+        figures ``metric_names`` names (loss, recon, kl in bits/dim, grad norm, then the family's own scalars, such
+        as the vqvae's codebook perplexity)."""
         H, accum = self.H, self.H.grad_accum
         passes = zip(images.chunk(accum), labels.chunk(accum) if labels is not None else [None] * accum)
         rng = (torch.get_rng_state(), device_rng_state(self.device)) if accum > 1 else None
@@ -155,7 +194,9 @@ class Trainer:
         # every rank takes the same decision: the averaged gradient is the same everywhere, the losses are not
         bad_loss = self.dist.all_reduce((~torch.isfinite(stats[0])).float(), op="max") > 0
         skip = bad_loss | ~torch.isfinite(grad_norm)
-        if H.skip_threshold > 0:
+        if H.skip_threshold == "auto":
+            skip = skip | auto_skip(self.skip_statistic, grad_norm.detach(), H.skip_threshold_start)
+        elif H.skip_threshold > 0:
             skip = skip | (grad_norm >= H.skip_threshold)
         self._update(skip)
         self.scheduler.step()
@@ -272,6 +313,7 @@ def checkpoint_dict(H: Hyperparams, trainer: Trainer, state: RunState, class_nam
         # rank 0's states are every rank's (a list of all visible GPUs' states would not survive a resume on
         # fewer GPUs, and would hand the other ranks rank 0's GPU state by index)
         "rng": {"torch": torch.get_rng_state(), "device": device_rng_state(trainer.device)},
+        **({"skip_statistic": trainer.skip_statistic.cpu()} if H.skip_threshold == "auto" else {}),
     }
 
 def checkpoint_to_resume(H: Hyperparams, run_dir: Path, warn) -> tuple[Path, dict] | None:
@@ -310,6 +352,8 @@ def restore_run(path: Path, ckpt: dict, H: Hyperparams, trainer: Trainer, state:
     if trainer.scaler is not None and ckpt.get("scaler"):
         trainer.scaler.load_state_dict(ckpt["scaler"])
     state.take_counters(ckpt, stage_start=ckpt.get("stage_start", 0))
+    if "skip_statistic" in ckpt:  # --skip_threshold auto: the recent norms' statistic goes on where it stopped
+        trainer.skip_statistic.copy_(ckpt["skip_statistic"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     set_device_rng_state(saved_device_rng_state(ckpt["rng"]), trainer.device)
     reshape_optimizer_state_like_parameters(trainer.optimizer)

@@ -106,7 +106,8 @@ class ReferenceTrainer:
         stats["elbo"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), H.grad_clip).item()
         nans = torch.stack([torch.isnan(stats["distortion"]).sum(), torch.isnan(stats["rate"]).sum()]).tolist()
-        skipped = not (nans == [0, 0] and (H.skip_threshold == -1 or grad_norm < H.skip_threshold))
+        threshold = H.skip_threshold_start if H.skip_threshold == "auto" else H.skip_threshold  # theirs is fixed
+        skipped = not (nans == [0, 0] and (threshold == -1 or grad_norm < threshold))
         if not skipped:
             self.optimizer.step()
             with torch.no_grad():  # their update_ema, parameter by parameter

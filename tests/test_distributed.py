@@ -145,8 +145,9 @@ def test_accumulation_syncs_gradients_once_per_update(tmp_path):
 # A torchrun worker that has finished its work could die of SIGABRT while the interpreter finalized: gloo's worker
 # thread drops the last reference to a reduced tensor a moment late, takes the GIL during finalization and is ended by
 # Python through a forced unwind ("terminate called without an active exception"), in about 1 of 45 exits under load.
-# A worker leaves through os._exit once its work is flushed, so finalization (and with it that race) never comes; finalization is observed through a cyclic object whose __del__ only the last garbage
-# collection of a finalizing interpreter runs.
+# A worker leaves through os._exit once its work is flushed, so finalization (and with it that race) never comes;
+# finalization is observed through a cyclic object whose __del__ only the last garbage collection of a finalizing
+# interpreter runs.
 EXIT_SCRIPT = """
 import os, sys
 sys.path.insert(0, {root!r})

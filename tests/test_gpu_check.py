@@ -1,5 +1,5 @@
-"""bench/gpu_check.py, the prepared GPU check, run whole at tiny sizes on the CPU so that it cannot rot while no GPU is at
-hand: every section runs, and what each reports is what its code path did."""
+"""bench/gpu_check.py, the prepared GPU check, run whole at tiny sizes on the CPU so that it cannot rot while no GPU
+is at hand: every section runs, and what each reports is what its code path did."""
 from __future__ import annotations
 
 import json

@@ -24,8 +24,8 @@ MODEL_SHAPING = {"model", "conv_width", "made_hidden", "codebook_size", "code_di
 
 def test_presets_and_overrides():
     h = hparams_from_preset("cifar10")
-    assert (h.width, h.zdim, h.num_mixtures, h.lr, h.wd, h.grad_clip, h.skip_threshold, h.ema_rate,
-            h.n_batch, h.warmup_iters) == (384, 16, 10, 2e-4, 0.01, 200.0, 400.0, 0.9999, 16, 100)
+    assert (h.width, h.zdim, h.num_mixtures, h.lr, h.wd, h.grad_clip, h.skip_threshold, h.skip_threshold_start,
+            h.ema_rate, h.n_batch, h.warmup_iters) == (384, 16, 10, 2e-4, 0.01, 200.0, "auto", 400.0, 0.9999, 16, 100)
     h, _ = parse_args(["--hps", "digits", "--width", "32", "--lr_decay", "none", "--max_steps", "0"], "x")
     assert h.width == 32 and h.dataset == "digits" and h.hps == "digits"
 
@@ -173,6 +173,7 @@ def test_every_hyperparameter_is_read(tmp_path, monkeypatch):
     # restore reads the restore field; the run folder default reads hps
     train.main(tiny_cli_args(tmp_path / "run", max_steps=7, restore=tmp_path / "run"))
     train.main(tiny_cli_args(None, max_steps=1))  # the default run folder reads the preset name
+    train.main(tiny_cli_args(tmp_path / "auto", max_steps=1, skip_threshold="auto"))  # the outlier rule's start
     # the families' own fields: read by the vlae (the cvae's encoder and decoder, and the flow prior's MADE)
     train.main(tiny_cli_args(tmp_path / "vlae", max_steps=1, model="vlae", conv_width=8, made_hidden=16))
     # and the vqvae's: its codebook, its prior and its second stage's budget
