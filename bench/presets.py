@@ -56,7 +56,7 @@ def measured_speed(name: str, steps: int) -> dict:
     seconds, _ = time_candidate(H, torch.device("cpu"), PLAIN, steps=steps, warmup=1)
     rate = 1.0 / seconds
     return {"steps_per_s": round(rate, 4), "img_per_s": round(rate * H.n_batch, 2),
-            "days_to_budget": round(H.max_steps / rate / 86400, 1) if H.max_steps else None}
+            "days_to_budget": round(H.max_steps / rate / 86400, 3) if H.max_steps else None}
 
 
 def main(argv: list[str]) -> None:
