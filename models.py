@@ -100,7 +100,8 @@ MISSING_WEIGHTS_ADVICE = (f"weights come from the digits model shipped in {DEFAU
 def weights_format(weights: str | Path) -> str:
     """What a weights file is, told by its content whatever its name: "safetensors" (exported by this project),
     "project" (a checkpoint of this project, or a run folder holding one) or "openai" (openai/vdvae's state dict of
-    tensors). A missing file says where weights come from; anything else is one line saying what it is not."""
+    tensors, or any other file named .th as theirs are, whose reader then says what is wrong with it). A missing file
+    says where weights come from; anything else is one line saying what it is not."""
     path = Path(weights)
     if path.is_dir():
         return "project"  # a run folder: its latest.pt, checked when it is read
@@ -111,10 +112,15 @@ def weights_format(weights: str | Path) -> str:
     # safetensors: an 8-byte little-endian header length, then the JSON header
     if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size:
         return "safetensors"
-    content = peek_torch_file(path)
+    try:
+        content = peek_torch_file(path)
+    except UserError:
+        if path.suffix == ".th":  # named as openai/vdvae names its files: their reader says what is wrong
+            return "openai"
+        raise
     if isinstance(content, dict) and content.get("format") == CHECKPOINT_FORMAT:
         return "project"
-    if is_vdvae_state_dict(content):
+    if is_vdvae_state_dict(content) or path.suffix == ".th":
         return "openai"
     raise UserError(f"{path} is not a checkpoint of this project (no '{CHECKPOINT_FORMAT}' format tag), nor an "
                     f"exported .safetensors file, nor openai/vdvae's state dict")

@@ -171,7 +171,8 @@ EVALUATE_BAD_INPUTS = [
     # openai/vdvae .th files: the preset must be named and known, the file readable, its keys theirs
     (["--weights", "{RESHAPED_TH}"], "is an openai/vdvae checkpoint: name its preset with --hps"),
     (["--weights", "{RESHAPED_TH}", "--hps", "digits"], "--hps 'digits' has no openai/vdvae checkpoint"),
-    (["--weights", "/nonexistent/x.th", "--hps", "cifar10"], "openai/vdvae checkpoint /nonexistent/x.th does not"),
+    (["--weights", "/nonexistent/x.th", "--hps", "cifar10"], "weights file /nonexistent/x.th does not exist; weights "
+     "come from"),
     (["--weights", "{CORRUPT_TH}", "--hps", "cifar10"], "cannot read openai/vdvae checkpoint"),
     (["--weights", "{FOREIGN_TH}", "--hps", "cifar10"], "is not a state dict of tensors"),
     (["--weights", "{RESHAPED_TH}", "--hps", "cifar10"],

@@ -36,6 +36,7 @@ def renamed(trained_run, tmp_path_factory):
     shutil.copyfile(folder / "export.safetensors", folder / "weights.pt")
     state = VAE(tiny_hps(n_classes=0)).state_dict()
     torch.save({f"module.{k}": v for k, v in state.items()}, folder / "theirs.pt")
+    torch.save({"weights": torch.zeros(3)}, folder / "foreign.pt")
     torch.save({"weights": torch.zeros(3)}, folder / "foreign.th")
     return folder
 
@@ -48,7 +49,10 @@ def test_a_weights_file_is_recognised_by_its_content(trained_run, renamed):
     assert weights_format(renamed / "export.safetensors") == "safetensors"
     assert weights_format(renamed / "theirs.pt") == "openai"
     with pytest.raises(UserError, match="is not a checkpoint of this project"):
-        weights_format(renamed / "foreign.th")
+        weights_format(renamed / "foreign.pt")
+    assert weights_format(renamed / "foreign.th") == "openai"  # named as theirs: their reader says what it is not
+    with pytest.raises(UserError, match="does not fit the cifar10 model: .*unexpected 1 key"):
+        load_model(str(renamed / "foreign.th"), torch.device("cpu"), hps="cifar10")
 
 
 def test_renamed_weights_load_as_what_they_are(trained_run, renamed):
