@@ -103,6 +103,13 @@ class Family(nn.Module):
         deterministic posterior draws no noise and ignores it."""
         self.noise_shard = (index, count)
 
+    def compile_regions(self, **options) -> bool:
+        """Compile this model's repeated regions in place with torch.compile (``options``: its own) and return True,
+        or return False: the caller then compiles the whole forward pass as one graph. A deep model whose blocks
+        repeat compiles each distinct block shape once instead of tracing every block; the families with a few
+        layers compile whole."""
+        return False
+
     def _group_temperatures(self, temperature: float | Sequence[float]) -> list[float]:
         """One temperature per latent group: a number applies to every group, a sequence gives each its own."""
         if isinstance(temperature, (int, float)):

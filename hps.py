@@ -137,7 +137,10 @@ class Hyperparams:
                         "gradient scaler on older GPUs, kept only when a fixed batch's loss is within 1%% of fp32's; "
                         "see speed.py), fp32, bf16 or fp16; likelihood and KL always run in fp32")
     channels_last: str = _f("auto", "channels-last memory format: auto (measured, see speed.py), on or off")
-    compile: bool = _f(False, "torch.compile the training forward pass (checkpoints keep the plain weights)")
+    compile: str = _f("auto", "torch.compile the training step: auto (measured: on a GPU the fastest eager "
+                      "settings are timed compiled too when the run is long enough to repay the compile; off on a "
+                      "CPU unless the run is as long), on or off; the VDVAE's blocks compile once per distinct "
+                      "shape, on a GPU with CUDA graphs; checkpoints keep the plain weights")
     grad_checkpoint: str = _f("auto", "activation checkpointing: auto (recompute only when memory asks for it: none "
                               "when the run fits in --memory_budget or the free memory, else gelu, else blocks; "
                               "when two fit, the faster measured); none; gelu (recompute the GELUs in the backward "
@@ -442,7 +445,9 @@ def build_parser(description: str, extra: dict[str, dict] | None = None) -> argp
     for f in SETTABLE:
         kind = _parse_bool if f.type in (bool, "bool") else {"int": int, "float": float, "str": str}.get(
             f.type if isinstance(f.type, str) else f.type.__name__, str)
-        flag = dict(nargs="?", const=True) if kind is _parse_bool else {}  # a bare --compile means true
+        flag = dict(nargs="?", const=True) if kind is _parse_bool else {}  # a bare --tensorboard means true
+        if f.name == "compile":  # a bare --compile means on
+            flag = dict(nargs="?", const="on")
         parser.add_argument(f"--{f.name}", type=kind, help=f"{f.metadata['help']} [{f.default!r}]",
                             metavar=kind.__name__.lstrip("_").upper(), **flag)
     for name, kwargs in (extra or {}).items():
@@ -539,6 +544,21 @@ def skip_threshold_value(value: float | str) -> float | str:
         raise UserError(f"--skip_threshold must be auto, -1 (never skip) or a number, got {value!r}") from None
 
 
+def compile_value(value: bool | str) -> str:
+    """--compile as the Trainer reads it: auto, on or off (also from true/false, and the bool older checkpoints
+    stored)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    text = str(value).strip().lower()
+    if text in ("auto", "on", "off"):
+        return text
+    if text in ("1", "true", "yes"):
+        return "on"
+    if text in ("0", "false", "no"):
+        return "off"
+    raise UserError(f"--compile must be auto, on or off, got {value!r}")
+
+
 def validate(h: Hyperparams) -> None:
     """Range checks that turn nonsense into a one-line error before any work starts."""
     if h.model not in MODELS:
@@ -571,6 +591,7 @@ def validate(h: Hyperparams) -> None:
     if not 0.0 <= h.prior_dropout < 1.0:
         raise UserError(f"--prior_dropout must be in [0, 1), got {h.prior_dropout}")
     h.skip_threshold = skip_threshold_value(h.skip_threshold)
+    h.compile = compile_value(h.compile)
     if h.skip_threshold_start <= 0 and h.skip_threshold_start != -1:
         raise UserError(f"--skip_threshold_start must be > 0, or -1 for none, got {h.skip_threshold_start}")
     for name in ["max_steps", "prior_steps", "prior_lr", "commitment_beta", "vq_downsample", "eval_every",

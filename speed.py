@@ -13,7 +13,9 @@ For every field left at ``auto`` (``--precision``, ``--channels_last``, ``--grad
    low precision the hardware has: bf16 on GPUs with native bf16 and on CPUs with AVX512-BF16 or AMX, fp16 on
    older GPUs; the admitted checkpointing modes) on synthetic images, and keeps the fastest; a low precision
    only when the loss of a fixed batch stays within 1% of fp32's;
-3. writes the choice and its timings into the log, and into a small cache file (``~/.cache/vdvae/speed.json``,
+3. with ``--compile auto``, times the winner compiled too, when the run is long enough to repay a cold compile
+   out of the probe's share (COMPILE_COST_S), and keeps compile when it trains faster;
+4. writes the choice and its timings into the log, and into a small cache file (``~/.cache/vdvae/speed.json``,
    or ``$VDVAE_SPEED_CACHE``), keyed by the machine (CPU model and instruction sets, or GPU name), the torch
    version, the model's shape and the batch, so that later runs skip the probe.
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -42,6 +45,11 @@ SPEED_FIELDS = ("precision", "channels_last", "grad_checkpoint")
 PROBE_STEPS, PROBE_WARMUP = 3, 1  # timed and untimed steps per candidate
 PROBE_SHARE = 0.05  # the largest share of a run's steps the probe may take
 LOW_PRECISION_TOLERANCE = 0.01  # relative loss difference to fp32 on a fixed batch
+# what a cold compile of the training step is expected to cost, in seconds: compile is tried only for a run
+# whose probe share (PROBE_SHARE of its steps at the eager speed) covers it. Measured on the CPU: the digits model
+# and its update took 159 s on a 2-core AVX2 EPYC (bench/RESULTS.md); the GPU figure is the target of regional
+# compilation, unmeasured
+COMPILE_COST_S = {"cuda": 120.0, "cpu": 300.0}
 MEMORY_HEADROOM = 0.85  # of the memory the run may use: what activations and state may fill
 STATE_BYTES_PER_PARAMETER = 20  # fp32 weights, EMA, gradients and Adam's two moments
 
@@ -250,10 +258,12 @@ def time_candidate(H, device: torch.device, settings: dict[str, str], timer: Cal
     labels = (torch.randint(0, max(1, H.n_classes), (len(images),), generator=generator).to(device)
               if H.n_classes > 0 and not H.multi_label else
               (torch.zeros(len(images), H.n_classes, device=device) if H.n_classes > 0 else None))
-    with torch.no_grad():
-        with seeded(device, 0), autocast(device, trainer.amp_dtype):
-            loss = trainer.model(images[:H.n_batch], labels[:H.n_batch] if labels is not None else None)["loss"]
-        loss = float(loss)
+    loss = math.nan
+    if not trainer.compiled:  # the precision check's figure; compiled, it would cost a compile of its own
+        with torch.no_grad(), seeded(device, 0), autocast(device, trainer.amp_dtype):
+            loss = float(trainer.model(images[:H.n_batch], labels[:H.n_batch] if labels is not None else None)["loss"])
+    if trainer.compiled:  # the first steps compile, then (CUDA graphs) record: not what a long run's steps cost
+        warmup = max(warmup, 3)
     times = []
     for i in range(warmup + steps):
         t0 = timer()
@@ -267,10 +277,11 @@ def time_candidate(H, device: torch.device, settings: dict[str, str], timer: Cal
 def choose_speed_settings(H, device: torch.device, total_steps: float,
                           log: Callable[[str], None] = print, cache_path: Path | None = None,
                           measure: Callable = time_candidate) -> dict[str, str]:
-    """Concrete values for the speed fields of ``H`` that are ``auto`` (see the module's docstring), each
-    candidate timed by ``measure``."""
-    if all(getattr(H, f) != "auto" for f in SPEED_FIELDS):
-        return {f: getattr(H, f) for f in SPEED_FIELDS}
+    """Concrete values for the speed fields of ``H`` that are ``auto`` and for ``--compile`` (see the module's
+    docstring), each candidate timed by ``measure``."""
+    fixed_compile = {} if H.compile == "auto" else {"compile": H.compile}
+    if all(getattr(H, f) != "auto" for f in SPEED_FIELDS) and fixed_compile:
+        return {**{f: getattr(H, f) for f in SPEED_FIELDS}, **fixed_compile}
     cache_path = cache_path or default_cache_path()
     key = cache_key(H, device)
     cached = read_cache(cache_path).get(key)
@@ -280,8 +291,8 @@ def choose_speed_settings(H, device: torch.device, total_steps: float,
     fitting, memory = fitting_checkpoint_modes(H, device)
     combos = candidates(H, device, fitting)
     probe_steps = len(combos) * (PROBE_STEPS + PROBE_WARMUP)
-    if len(combos) == 1 or probe_steps > PROBE_SHARE * total_steps:
-        choice = rule(H, device, fitting)
+    if (len(combos) == 1 and fixed_compile) or probe_steps > PROBE_SHARE * total_steps:
+        choice = {**rule(H, device, fitting), "compile": H.compile if fixed_compile else "off"}
         log(f"speed settings by rule (a probe of {probe_steps} steps would cost more than "
             f"{PROBE_SHARE:.0%} of {total_steps:.0f} steps): {choice}; memory {memory}")
         return choice
@@ -301,11 +312,37 @@ def choose_speed_settings(H, device: torch.device, total_steps: float,
         if device.type == "cuda":
             torch.cuda.empty_cache()
     choice = pick_fastest(results)
+    choice["compile"] = fixed_compile.get("compile") or try_compiled(H, device, choice, results, total_steps,
+                                                                     measure, log)
     entry = {"choice": choice, "timings": results, "memory": memory, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     write_cache(cache_path, key, entry)
     log(f"speed settings measured: {choice}; seconds per step: "
         + ", ".join(f"{k} {v.get('step_s', v.get('error'))}" for k, v in results.items()) + f"; memory {memory}")
     return choice
+
+
+def try_compiled(H, device: torch.device, choice: dict[str, str], results: dict[str, dict], total_steps: float,
+                 measure: Callable, log: Callable[[str], None]) -> str:
+    """--compile auto: "on" when the fastest eager settings, timed compiled (into ``results``), train faster and the
+    run is long enough to repay a cold compile (COMPILE_COST_S) within the probe's share; else "off". The compile
+    the probe pays is mostly not lost: the run's Trainer reuses dynamo's compiled code of the same classes and
+    inductor's on-disk cache."""
+    eager_s = results[json.dumps(choice)]["step_s"]
+    affordable = PROBE_SHARE * total_steps * eager_s
+    if affordable < COMPILE_COST_S.get(device.type, math.inf):
+        return "off"
+    settings = {**choice, "compile": "on"}
+    t0 = time.perf_counter()
+    try:
+        with seeded(device, 0):
+            seconds, _ = measure(H, device, settings)
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
+        results[json.dumps(settings)] = {"error": str(err).splitlines()[0][:200]}
+        return "off"
+    results[json.dumps(settings)] = {"step_s": round(seconds, 5), "with_compile_s": round(time.perf_counter() - t0, 1)}
+    log(f"compiled step: {seconds:.5f} s against {eager_s:.5f} s eager, its compile included in "
+        f"{time.perf_counter() - t0:.0f} s")
+    return "on" if seconds < eager_s else "off"
 
 
 def pick_fastest(results: dict[str, dict]) -> dict[str, str]:

@@ -34,8 +34,8 @@ from runlog import LatentTrajectory, NullLogger, RunLogger, read_metrics, tensor
 from scoring import evaluate_elbo, kl_per_resolution
 from speed import choose_speed_settings
 from trainer import (RunState, SkipCounter, StageStart, StopSignal, Trainer, Window, auto_skip_limit,
-                     check_same_model, checkpoint_dict, checkpoint_to_resume, plan_stages, restore_run, stage_budget,
-                     start_after_stage)
+                     check_same_model, checkpoint_dict, checkpoint_to_resume, load_compile_cache, plan_stages,
+                     restore_run, save_compile_cache, stage_budget, start_after_stage)
 from utils import (Dist, UserError, autocast, check_output_folder, end_distributed, init_distributed, run_cli,
                    seeded)
 from vae import count_parameters
@@ -165,6 +165,8 @@ def choose_speed(run: Run) -> None:
     rank 0 and shared."""
     H, dist = run.H, run.dist
     total = run.stage_total(run.run_stages[0])
+    if H.compile != "off":  # an earlier process of this run compiled: the probe and the run start warm
+        load_compile_cache(run.run_dir, run.log.info)
     settings = dist.broadcast(choose_speed_settings(H, run.device, total, log=run.log.info) if dist.main else None)
     for name, value in settings.items():
         setattr(H, name, value)
@@ -332,6 +334,8 @@ def save(run: Run, trainer: Trainer) -> Path:
                               keep_previous=True)
             if run.H.keep_every and state.step % run.H.keep_every == 0:
                 keep_copy(latest, state.step, run.H.keep_last)
+            if trainer.compiled:
+                save_compile_cache(run.run_dir)
         except OSError as err:  # a full disk, a quota, a vanished mount: the last checkpoint is intact
             held = f"{latest} still holds the checkpoint before it, intact" if latest.exists() else \
                 "no checkpoint was written"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -111,7 +112,7 @@ class Trainer:
     in one stage; the vqvae trains its autoencoder, then its prior (``stage``), each with a Trainer of its own."""
 
     def __init__(self, H: Hyperparams, device: torch.device, fused: bool | None = None, dist: Dist | None = None,
-                 stage: str | None = None):
+                 stage: str | None = None, compile_mode: str | None = "auto"):
         self.H, self.device, self.dist = H, device, dist or Dist()
         if device.type == "cuda":  # TF32 for what stays fp32; fixed shapes let cuDNN pick its fastest kernels
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -137,8 +138,16 @@ class Trainer:
         self.ddp = None
         if self.dist.world > 1:  # gradients are averaged over ranks in the backward pass
             self.ddp = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.compiled = H.compile == "on"  # auto is decided before a run builds its Trainer (speed.py)
+        self.compile_mode: str | None = None
         wrapped = self.ddp or self.model
-        self.forward = torch.compile(wrapped) if H.compile else wrapped
+        self.forward = self._compile(wrapped, compile_mode) if self.compiled else wrapped
+        # on the CPU the multi-tensor (foreach) operations of the gradient norm, clipping and EMA run one operator
+        # per parameter tensor; compiled, they are a few fused loops. CUDA runs them as multi-tensor kernels already,
+        # and compiling lists of the cifar10 model's 1,394 tensors costs minutes, so there they stay eager.
+        compile_update = self.compiled and device.type == "cpu"
+        self._clip_and_decide = torch.compile(self.clip_and_decide) if compile_update else self.clip_and_decide
+        self._ema_update = torch.compile(ema_update) if compile_update else ema_update
         # fused AdamW can skip an update on the device (found_inf), so a step needs no host round trip;
         # ``fused=False`` (bench/throughput.py's baseline) keeps the foreach implementation
         self.fused = device.type in ("cuda", "cpu") if fused is None else fused
@@ -146,16 +155,37 @@ class Trainer:
                                            betas=(H.adam_beta1, H.adam_beta2), fused=self.fused or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            lambda step: lr_factor(H, step, self.stage_steps))
+        # persistent and changed in place, so that the fused step reads the same tensor every step (a captured
+        # graph needs that); 1 leaves weights, moments and step count untouched
+        self.found_inf = torch.zeros((), device=device)
+        if self.fused:
+            self.optimizer.found_inf = self.found_inf
         self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
         self.noise_index = torch.zeros((), dtype=torch.long, device=device)  # see _forward
         # --skip_threshold auto: count, mean and variance of the log gradient norm (see auto_skip)
         self.skip_statistic = torch.zeros(3, device=device)
         self.extra_metrics: tuple[str, ...] | None = None  # a family's own batch figures (codebook perplexity)
 
+    def _compile(self, wrapped: torch.nn.Module, mode: str | None) -> torch.nn.Module:
+        """The model's forward (and so its backward) compiled: region by region where the family has repeated
+        blocks (Family.compile_regions), else whole. ``mode`` "auto": with CUDA graphs on a GPU (reduce-overhead,
+        a replay per region instead of a launch per kernel), inductor's default on the CPU. Shapes are static: a
+        training step's never change, and reduce-overhead skips its graphs on dynamic ones."""
+        if mode == "auto":
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+        # each distinct block shape (five resolutions, train and eval) is one compiled entry of the block's code;
+        # past dynamo's default limit of 8 the rest would silently run eager
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self.compile_mode = mode
+        if self.model.compile_regions(mode=mode, dynamic=False):
+            return wrapped
+        return torch.compile(wrapped, mode=mode, dynamic=False)
+
     def settings(self) -> str:
         precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + scaler"}
-        return (f"precision {precision[self.amp_dtype]}, channels_last {self.channels_last}, "
-                f"compile {self.H.compile}, grad_checkpoint {self.H.grad_checkpoint}, fused AdamW {self.fused}")
+        compiled = (self.compile_mode or "default mode") if self.compiled else "off"
+        return (f"precision {precision[self.amp_dtype]}, channels_last {self.channels_last}, compile {compiled}, "
+                f"grad_checkpoint {self.H.grad_checkpoint}, fused AdamW {self.fused}")
 
     def step(self, images: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """One update on the negative ELBO (nats/dim) from this rank's share of a global batch (``grad_accum``
@@ -190,18 +220,26 @@ class Trainer:
             stats = figures if stats is None else stats + figures
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trained, H.grad_clip or math.inf)
         # every rank takes the same decision: the averaged gradient is the same everywhere, the losses are not
         bad_loss = self.dist.all_reduce((~torch.isfinite(stats[0])).float(), op="max") > 0
-        skip = bad_loss | ~torch.isfinite(grad_norm)
-        if H.skip_threshold == "auto":
-            skip = skip | auto_skip(self.skip_statistic, grad_norm.detach(), H.skip_threshold_start)
-        elif H.skip_threshold > 0:
-            skip = skip | (grad_norm >= H.skip_threshold)
+        skip, grad_norm = self._clip_and_decide(bad_loss)
         self._update(skip)
         self.scheduler.step()
-        ema_update(*self.ema_pairs, H.ema_rate)
-        return skip, torch.cat([stats[:3], grad_norm.detach().float()[None], stats[3:]])
+        self._ema_update(*self.ema_pairs, H.ema_rate)
+        return skip, torch.cat([stats[:3], grad_norm.float()[None], stats[3:]])
+
+    def clip_and_decide(self, bad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip the gradient to ``grad_clip`` and decide on the device whether the update is skipped: a loss that is
+        not finite on some rank (``bad_loss``), a gradient norm that is not finite, or one at ``skip_threshold``
+        (with auto: an outlier, see auto_skip). Returns skip (bool) and the norm before clipping."""
+        H = self.H
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trained, H.grad_clip or math.inf).detach()
+        skip = bad_loss | ~torch.isfinite(grad_norm)
+        if H.skip_threshold == "auto":
+            skip = skip | auto_skip(self.skip_statistic, grad_norm, H.skip_threshold_start)
+        elif H.skip_threshold > 0:
+            skip = skip | (grad_norm >= H.skip_threshold)
+        return skip, grad_norm
 
     @property
     def metric_names(self) -> tuple[str, ...]:
@@ -216,6 +254,8 @@ class Trainer:
             self.model.set_noise_shard(self.noise_index, shard[1])
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        if self.compile_mode == "reduce-overhead":  # each pass replays the CUDA graphs anew
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(self.device, self.amp_dtype):
             return self.forward(images, labels)
 
@@ -225,10 +265,44 @@ class Trainer:
                 self.scaler.step(self.optimizer)
             self.scaler.update()
         elif self.fused:
-            self.optimizer.found_inf = skip.float()  # 1 leaves weights, moments and step count untouched
+            self.found_inf.copy_(skip)
             self.optimizer.step()
         elif not skip.item():
             self.optimizer.step()
+
+COMPILE_CACHE = "compile_cache.bin"  # in the run folder: what torch.compile compiled, for a resume to start warm
+
+
+def load_compile_cache(run_dir: Path, log) -> bool:
+    """Hand torch.compile the artifacts an earlier process of this run saved (save_compile_cache), so that a
+    resumed run, on this machine or another with the same GPU and torch, starts warm. True when some were loaded;
+    a cache from another torch or device is ignored with a log line."""
+    path = run_dir / COMPILE_CACHE
+    if not path.exists():
+        return False
+    try:
+        torch.compiler.load_cache_artifacts(path.read_bytes())
+    except Exception as err:  # noqa: BLE001 - a stale cache only costs a cold compile
+        log(f"compile cache {path} not used ({type(err).__name__}: {str(err)[:120]}); compiling afresh")
+        return False
+    log(f"compile cache {path} loaded ({path.stat().st_size / 2**20:.1f} MB)")
+    return True
+
+
+def save_compile_cache(run_dir: Path) -> None:
+    """Write what torch.compile has compiled in this process (inductor's and autograd's cached graphs and kernels)
+    to the run folder, atomically; nothing when there is nothing or it cannot be written."""
+    saved = torch.compiler.save_cache_artifacts()
+    if not saved:
+        return
+    path = run_dir / COMPILE_CACHE
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(saved[0])
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
 
 @torch.no_grad()
 def reshape_optimizer_state_like_parameters(optimizer: torch.optim.Optimizer) -> None:

@@ -194,7 +194,9 @@ def draw_gaussian_diag_samples(mu: torch.Tensor, logsigma: torch.Tensor, noise: 
         if count == 1:
             eps = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype)
         else:  # rows index*b .. (index+1)*b of the global draw; a tensor index keeps one compiled graph for all
-            eps = torch.randn((count, *mu.shape), device=mu.device, dtype=mu.dtype)[index]
+            eps = torch.randn((count, *mu.shape), device=mu.device, dtype=mu.dtype)
+            # index_select with a device tensor: plain indexing would read the index back to the host every pass
+            eps = eps[index] if isinstance(index, int) else eps.index_select(0, index.reshape(1))[0]
     else:
         eps = noise.to(mu.dtype)
     return torch.exp(logsigma) * eps + mu

@@ -1,6 +1,7 @@
 """The prepared GPU check: what users run on a CUDA card, measured and exercised in one command.
 
-    python bench/gpu_check.py --out gpu_check                 # one GPU: about 8 minutes on an H100
+    python bench/gpu_check.py --out gpu_check1 --sections part1   # one GPU: at most 6 minutes
+    python bench/gpu_check.py --out gpu_check2 --sections part2   # the rest, at most 6 minutes
     python bench/gpu_check.py --out /tmp/check --tiny          # the same code paths on the CPU at tiny sizes (tests)
 
 A GPU is lent to this project now and then, for minutes, so the check is prepared and tested on the CPU (``--tiny``
@@ -12,11 +13,14 @@ ignored by git), timed with its own training step (bench/compare_openai.py's Ref
 Sections, in order (each bounded in time; whatever does not fit in ``--budget_s`` is recorded as skipped):
 
   machine      the card, torch, and the measured bf16 matrix-product rate (8192^3)
-  throughput   cifar10 at batch 16: the reference, our eager fp32 and our default (speed.py's choice): training
-               images/s (median of 20 steps after 5 warm-up), peak memory, sampling at batch 64 and 256; model
-               FLOPs per training image (torch's FlopCounterMode) and the share of the card's dense bf16 peak
+  profile      the default training step under torch.profiler: top kernels, kernels, busy time and operator calls
+               per step, beside its unprofiled wall time
+  throughput   cifar10 at batch 16: the reference, our eager fp32, our default (speed.py's choice) and the default
+               compiled: training images/s (median of 20 steps after 5 warm-up), peak memory, operator calls per
+               step, sampling at batch 64 and 256; model FLOPs per training image (torch's FlopCounterMode) and the
+               share of the card's dense bf16 peak
+  batch_sweep  the default step at batch 16, 32, 64, 128: images/s, peak memory, share of the dense bf16 peak
   parity       200 steps on the same synthetic batches in eager fp32 and in the default mode: both loss curves
-  compile      the default mode with --compile (training and sampling; its compile, minutes, is not timed)
   digits       the digits preset end to end on the device (train.py, evaluate.py, sample.py): held-out bits/dim
   resume       a cifar10-architecture run on CIFAR-format files, killed (SIGKILL) after a checkpoint, resumed with
                --restore latest in another memory layout and precision (Adam moments re-laid, device RNG restored);
@@ -24,7 +28,6 @@ Sections, in order (each bounded in time; whatever does not fit in ``--budget_s`
   torchrun     torchrun with one process against plain python at the same batch: images/s of each
   cuda_paths   evaluation under bf16 against fp32, fp32 distribution heads and the exact prior-noise round trip
                under bf16, one compiled graph for all gradient-accumulation passes
-  profile      the default training step under torch.profiler: the top kernels
   max_batch    the largest cifar10 batch that fits for --grad_checkpoint none, gelu and blocks
 
 Writes OUT/summary.json (rewritten after every section, so a run cut short keeps what it measured),
@@ -69,14 +72,14 @@ N_TRAIN_FILES, PER_FILE, N_TEST = 5, 1100, 512  # synthetic CIFAR-10: 5,500 trai
 def plan(tiny: bool) -> dict:
     """Sizes of every section: the full ones on a GPU, seconds' worth on the CPU."""
     if tiny:
-        return dict(arch=TINY_ARCH, n_batch=4, steps=2, warmup=1, sample_batches="4,8", sample_reps=1,
+        return dict(arch=[*TINY_ARCH, "--compile", "off"], n_batch=4, steps=2, warmup=1, sample_batches="4,8", sample_reps=1,
                     parity_steps=12, digits=["--max_steps", "20", "--n_batch", "8", "--precision", "fp32",
                                              "--channels_last", "off", "--grad_checkpoint", "none"],
                     resume_every=2, resume_more=2, torchrun_steps=6, torchrun_log=2, max_batch_start=4,
-                    max_batch_cap=8, max_batch_seconds=20, profile_steps=2)
+                    max_batch_cap=8, max_batch_seconds=20, profile_steps=2, sweep=(2, 4), sweep_steps=2)
     return dict(arch=[], n_batch=16, steps=20, warmup=5, sample_batches="64,256", sample_reps=3, parity_steps=200,
                 digits=[], resume_every=20, resume_more=20, torchrun_steps=90, torchrun_log=30, max_batch_start=16,
-                max_batch_cap=4096, max_batch_seconds=35, profile_steps=5)
+                max_batch_cap=4096, max_batch_seconds=35, profile_steps=5, sweep=(16, 32, 64, 128), sweep_steps=10)
 
 
 def fixed_speed_flags(device: torch.device) -> list[str]:
@@ -216,8 +219,8 @@ def section_throughput(c: Check) -> dict:
     reference = has_reference(c.args.vdvae)  # --tiny goes on without a clone (CI has none): the rest still runs
     cmd = ["--hps", "cifar10", "--device", c.args.device, "--n_batch", str(P["n_batch"]), "--n_batch_sample",
            P["sample_batches"], "--steps", str(P["steps"]), "--warmup", str(P["warmup"]), "--sample_reps",
-           str(P["sample_reps"]), "--modes", ("reference," if reference else "") + "eager_fp32,default",
-           "--vdvae", str(c.args.vdvae), *P["arch"]]
+           str(P["sample_reps"]), "--modes", ("reference," if reference else "") + "eager_fp32,default"
+           + ("" if c.args.tiny else ",default_compile"), "--vdvae", str(c.args.vdvae), *P["arch"]]
     result = last_json(c.python("bench/throughput.py", *cmd, timeout=300))
     if not reference:
         result["reference"] = f"not measured: no openai/vdvae clone at {c.args.vdvae}"
@@ -341,22 +344,20 @@ def section_max_batch(c: Check) -> dict:
     return result
 
 
-def section_compile(c: Check) -> dict:
-    if c.args.tiny:  # compiling takes minutes of CPU: the compiled paths are tested in tests/test_speed.py
-        return {"skipped": "not in --tiny"}
-    P = c.P
-    cmd = ["--hps", "cifar10", "--device", c.args.device, "--n_batch", str(P["n_batch"]), "--n_batch_sample",
-           P["sample_batches"], "--steps", str(P["steps"]), "--warmup", str(P["warmup"]), "--sample_reps",
-           str(P["sample_reps"]), "--modes", "default_compile"]
-    return last_json(c.python("bench/throughput.py", *cmd, timeout=180))
+def section_batch_sweep(c: Check) -> dict:
+    return c.worker("batch_sweep", timeout=240)
 
 
 SECTIONS: list[tuple[str, Callable[[Check], dict], float]] = [  # name, function, least seconds worth starting
-    ("machine", section_machine, 10), ("throughput", section_throughput, 60), ("parity", section_parity, 30),
-    ("compile", section_compile, 60), ("digits", section_digits, 40), ("resume", section_resume, 40),
-    ("torchrun", section_torchrun, 40), ("cuda_paths", section_cuda_paths, 30), ("profile", section_profile, 20),
-    ("max_batch", section_max_batch, 40),
+    ("machine", section_machine, 10), ("profile", section_profile, 20), ("throughput", section_throughput, 60),
+    ("batch_sweep", section_batch_sweep, 40), ("parity", section_parity, 30), ("torchrun", section_torchrun, 40),
+    ("cuda_paths", section_cuda_paths, 30), ("max_batch", section_max_batch, 40), ("digits", section_digits, 40),
+    ("resume", section_resume, 40),
 ]
+# each part is one command of at most 6 minutes (its --budget_s default), so that 15 minutes of a lent GPU hold both
+# with a rerun to spare; the first holds what no card has measured yet
+PARTS = {"part1": ("machine", "profile", "throughput", "batch_sweep"),
+         "part2": ("parity", "torchrun", "cuda_paths", "max_batch", "digits", "resume")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,10 +507,11 @@ def worker_cuda_paths(args, device: torch.device) -> dict:
     # one compiled graph serves every accumulation pass (the pass index is a device tensor)
     counter = CompileCounterWithBackend("inductor" if device.type == "cuda" else "eager")
     real_compile = torch.compile
-    trainer_module.torch.compile = lambda module: real_compile(module, backend=counter)
+    trainer_module.torch.compile = lambda module, **options: real_compile(
+        module, **{k: v for k, v in options.items() if k != "mode"}, backend=counter)
     try:
         torch._dynamo.reset()
-        H = worker_hparams(args, n_batch=4, grad_accum=4, compile=True, precision="bf16" if low else "fp32",
+        H = worker_hparams(args, n_batch=4, grad_accum=4, compile="on", precision="bf16" if low else "fp32",
                            channels_last="on", grad_checkpoint="none")
         if not args.tiny:  # a small model: compiling the full one is the compile section's work
             H.width, H.zdim = 64, 8
@@ -544,14 +546,28 @@ def worker_profile(args, device: torch.device) -> dict:
     trainer = Trainer(H, device)
     images, labels = synthetic_images(P["n_batch"], seed=5)
     images, labels = torch.from_numpy(images).to(device), torch.from_numpy(labels).long().to(device)
-    for _ in range(3):
+    for _ in range(3 if not trainer.compiled else 5):  # compiled: compile, then record the CUDA graphs
         trainer.step(images, labels)[1].tolist()
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(P["profile_steps"]):
+        trainer.step(images, labels)[1].tolist()
+    step_s = (time.perf_counter() - t0) / P["profile_steps"]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(P["profile_steps"]):
             trainer.step(images, labels)[1].tolist()
     on_device = device.type == "cuda"
     events = prof.key_averages()
+    all_events = prof.events()
+    host = [e for e in all_events if e.device_type == torch.autograd.DeviceType.CPU]
+    kernels = [e for e in all_events if e.device_type != torch.autograd.DeviceType.CPU]
+    per_step = {"step_s_unprofiled": round(step_s, 5),
+                "operator_calls": sum(1 for e in host if not e.cpu_children) // P["profile_steps"],
+                "kernels": len(kernels) // P["profile_steps"] if on_device else None,
+                # busy time of the kernels against the step's wall time: far below it, the host holds the card back
+                "kernel_ms": round(sum(e.time_range.elapsed_us() for e in kernels) / 1000 / P["profile_steps"], 2)
+                if on_device else None}
 
     def own_time(e) -> float:  # microseconds of the event itself (kernels on the GPU, operators on the CPU)
         if on_device:
@@ -559,7 +575,8 @@ def worker_profile(args, device: torch.device) -> dict:
         return e.self_cpu_time_total
     total = sum(own_time(e) for e in events) or 1.0
     top = sorted(events, key=own_time, reverse=True)[:15]
-    return {"settings": trainer.settings(), "steps": P["profile_steps"], "what": "GPU kernels" if on_device else
+    return {"settings": trainer.settings(), "steps": P["profile_steps"], "per_step": per_step,
+            "what": "GPU kernels" if on_device else
             "CPU operators", "total_ms_per_step": round(total / 1000 / P["profile_steps"], 2),
             "top": [{"name": e.key[:90], "ms_per_step": round(own_time(e) / 1000 / P["profile_steps"], 3),
                      "share": round(own_time(e) / total, 3), "calls_per_step": e.count // P["profile_steps"]}
@@ -608,7 +625,51 @@ def worker_max_batch(args, device: torch.device) -> dict:
             "peak_gb": round(peak, 1) if peak else None}
 
 
-WORKERS = {"machine": worker_machine, "flops": worker_flops, "parity": worker_parity,
+def worker_batch_sweep(args, device: torch.device) -> dict:
+    """The default training step at growing batches: images/s (median of timed steps), peak memory, and the share
+    of the card's dense bf16 peak the model's arithmetic reaches."""
+    from trainer import Trainer
+
+    P = plan(args.tiny)
+    flops = worker_flops(args, device)
+    H = worker_hparams(args, n_batch=P["sweep"][0])
+    apply_default_speed(H, device)
+    result = {"settings": None, "train_flops_per_image": flops["train_flops_per_image"], "batches": {}}
+    for batch in P["sweep"]:
+        H.n_batch = batch
+        torch.manual_seed(0)
+        try:
+            trainer = Trainer(H, device)
+            result["settings"] = trainer.settings()
+            images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=device)
+            labels = torch.randint(0, 10, (batch,), device=device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            times = []
+            for i in range(3 + P["sweep_steps"]):
+                synchronize(device)
+                t0 = time.perf_counter()
+                trainer.step(images, labels)[1].tolist()
+                if i >= 3:
+                    times.append(time.perf_counter() - t0)
+            img_s = batch / statistics.median(times)
+            peak = flops["dense_bf16_peak_flops"]
+            result["batches"][str(batch)] = {
+                "img_s": round(img_s, 2),
+                "peak_mem_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda"
+                else None,
+                "share_of_dense_bf16_peak": round(img_s * flops["train_flops_per_image"] / peak, 4) if peak else None}
+        except torch.OutOfMemoryError:
+            result["batches"][str(batch)] = {"error": "out of memory"}
+        finally:
+            trainer = None
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return result
+
+
+WORKERS = {"machine": worker_machine, "batch_sweep": worker_batch_sweep, "flops": worker_flops, "parity": worker_parity,
            "cuda_paths": worker_cuda_paths, "profile": worker_profile, "max_batch": worker_max_batch}
 
 
@@ -634,8 +695,12 @@ def targets(summary: dict) -> dict:
     if flops.get("dense_bf16_peak_flops") and default.get("train_img_s"):
         out["default_share_of_dense_bf16_peak"] = round(
             default["train_img_s"] * flops["train_flops_per_image"] / flops["dense_bf16_peak_flops"], 4)
-    compiled = s.get("compile", {}).get("modes", {}).get("default_compile", {})
+    compiled = modes.get("default_compile", {})
     out["default_compile_train_vs_reference"] = ratio(compiled.get("train_img_s"), ref.get("train_img_s"))
+    out["default_compile_ops_vs_eager"] = ratio(compiled.get("ops_per_step"), eager.get("ops_per_step"))
+    sweep = s.get("batch_sweep", {}).get("batches", {})
+    shares = [b["share_of_dense_bf16_peak"] for b in sweep.values() if b.get("share_of_dense_bf16_peak")]
+    out["batch_sweep_best_share_of_dense_bf16_peak"] = max(shares) if shares else None
     out["functions_ok"] = {name: s.get(name, {}).get("ok") for name in ("digits", "resume", "torchrun", "cuda_paths")}
     return out
 
@@ -658,9 +723,10 @@ def main(argv: list[str]) -> None:
     p.add_argument("--tiny", action="store_true", help="tiny sizes on the CPU: every section in about a minute")
     p.add_argument("--device", default=None, help="cuda (default), or cpu (the default with --tiny)")
     p.add_argument("--vdvae", default=str(ROOT / ".vdvae"), help="a clone of github.com/openai/vdvae")
-    p.add_argument("--budget_s", type=float, default=450.0, help="seconds for all sections; the ones left "
-                   "when it runs out are recorded as skipped")
-    p.add_argument("--sections", default="", help="comma-separated subset of: " + ", ".join(n for n, *_ in SECTIONS))
+    p.add_argument("--budget_s", type=float, default=330.0, help="seconds for all sections (the default keeps one "
+                   "part within 6 minutes with start-up); the ones left when it runs out are recorded as skipped")
+    p.add_argument("--sections", default="", help="comma-separated parts (part1, part2) or sections: "
+                   + ", ".join(n for n, *_ in SECTIONS))
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="none", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -674,10 +740,11 @@ def main(argv: list[str]) -> None:
     if not has_reference(args.vdvae) and not args.tiny:
         raise UserError(f"no openai/vdvae clone at {args.vdvae}: clone github.com/openai/vdvae there (it is ignored "
                         f"by git), or name one with --vdvae")
-    chosen = [n.strip() for n in args.sections.split(",") if n.strip()] or [n for n, *_ in SECTIONS]
+    named = [n.strip() for n in args.sections.split(",") if n.strip()] or [n for n, *_ in SECTIONS]
+    chosen = [section for n in named for section in PARTS.get(n, (n,))]
     unknown = sorted(set(chosen) - {n for n, *_ in SECTIONS})
     if unknown:
-        raise UserError(f"unknown section {unknown[0]!r}; valid: {', '.join(n for n, *_ in SECTIONS)}")
+        raise UserError(f"unknown section {unknown[0]!r}; valid: {', '.join([*PARTS, *(n for n, *_ in SECTIONS)])}")
 
     check_output_folder(args.out, "--out")  # both checked before anything is written
     if args.work:
@@ -704,6 +771,8 @@ def main(argv: list[str]) -> None:
         problems = errors_in(state)
         verdict = "; ".join(problems) if problems else ("ok" if state.get("ok", True) else "FAILED")
         print(f"{name:11s} {state['section_s']:6.1f} s  {str(verdict)[:150]}", flush=True)
+    c.summary["targets"] = targets(c.summary)  # also when every section was skipped
+    c.save()
     print(json.dumps(c.summary["targets"]))
 
 

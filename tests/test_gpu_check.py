@@ -60,7 +60,11 @@ def test_the_gpu_check_runs_every_section_at_tiny_sizes_on_the_cpu(tmp_path):
     assert first[0] > 0 and abs(first[1] - first[0]) < 0.02 * first[0]  # the same model, batch and noise
     assert parity["final_rel_diff"] < 0.02  # the same init, batches and noise: only rounding differs
 
-    assert sections["compile"] == {"skipped": "not in --tiny", "section_s": sections["compile"]["section_s"]}
+    sweep = sections["batch_sweep"]["batches"]
+    assert list(sweep) == [str(b) for b in P["sweep"]] and all(b["img_s"] > 0 for b in sweep.values())
+    per_step = sections["profile"]["per_step"]
+    assert per_step["operator_calls"] > 100 and per_step["step_s_unprofiled"] > 0
+    assert modes["default"]["ops_per_step"] > 100
     digits = sections["digits"]
     assert digits["ok"] and digits["final"]["step"] == 20 and digits["evaluate"]["bpd"] > 0
     assert (out / "digits_samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -89,3 +93,21 @@ def test_the_gpu_check_runs_every_section_at_tiny_sizes_on_the_cpu(tmp_path):
     assert targets["parity_final_rel_diff"] == parity["final_rel_diff"]
     assert targets["functions_ok"] == {"digits": True, "resume": True, "torchrun": True, "cuda_paths": True}
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == targets
+
+
+def test_a_part_names_its_sections_in_order(tmp_path):
+    """--sections part1: the sections of the first 6-minute command, in order (a zero budget skips each, which the
+    summary records); an unknown name is one line naming the parts and sections."""
+    import gpu_check
+
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--tiny", "--out", str(out),
+                           "--sections", "part1", "--budget_s", "0"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sections = json.loads((out / "summary.json").read_text())["sections"]
+    assert list(sections) == list(gpu_check.PARTS["part1"]) == ["machine", "profile", "throughput", "batch_sweep"]
+    assert all("skipped" in s for s in sections.values())
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--tiny", "--out", str(tmp_path / "b"),
+                          "--sections", "part9"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "part1, part2" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

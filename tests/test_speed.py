@@ -111,21 +111,29 @@ def test_compiled_training_saves_plain_weights(tmp_path):
     train.main(tiny_cli_args(run, max_steps=2, eval_every=0, compile="true", enc_blocks="8x1,8d8,1x1",
                              dec_blocks="1x1,8m1"))
     ckpt = torch.load(run / "latest.pt", weights_only=True)
-    assert ckpt["hps"]["compile"] is True and ckpt["step"] == 2
+    assert ckpt["hps"]["compile"] == "on" and ckpt["step"] == 2
     assert not any("_orig_mod" in key for key in ckpt["model"])
     model = VAE(tiny_hps(enc_blocks="8x1,8d8,1x1", dec_blocks="1x1,8m1"))
     model.load_state_dict(ckpt["model"])
+    # what was compiled lies beside the checkpoint, and a resumed process hands it to torch.compile first
+    assert (run / "compile_cache.bin").stat().st_size > 0
+    train.main(tiny_cli_args(run, max_steps=3, eval_every=0, compile="on", enc_blocks="8x1,8d8,1x1",
+                             dec_blocks="1x1,8m1", restore="latest"))
+    log = (run / "log.txt").read_text()
+    assert f"compile cache {run / 'compile_cache.bin'} loaded" in log and "compile default mode" in log
+    assert torch.load(run / "latest.pt", weights_only=True)["step"] == 3
 
 
 def test_throughput_bench_prints_every_mode_and_a_json_line():
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--hps", "digits", "--n_batch", "8",
-                           "--quick", "--modes", "eager_fp32,default,checkpoint_blocks"],
+                           "--quick", "--modes", "eager_fp32,default,checkpoint_blocks", "--compile", "off"],
                           capture_output=True, text=True, cwd=ROOT, check=False)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(summary["modes"]) == {"eager_fp32", "default", "checkpoint_blocks"}
     for figures in summary["modes"].values():
         assert figures["train_img_s"] > 0 and figures["sample_img_s"] > 0 and figures["peak_mem_mb"] > 0
+        assert figures["ops_per_step"] > 100  # the profiler's leaf operator calls of one step
     assert summary["best_mode"] in summary["modes"] and summary["speedup_train"] > 0
     assert summary["device"]["cpu"] and "flags" in summary["device"] and summary["default_speedup_train"] > 0
     saver = summary["memory_saver"]["mode"]  # the fastest mode at most 0.6x eager_fp32's peak memory, if any
@@ -179,10 +187,11 @@ def test_compiled_accumulation_passes_share_one_graph(monkeypatch):
 
     counter = CompileCounter()
     real_compile = torch.compile
-    monkeypatch.setattr(trainer_module.torch, "compile", lambda module: real_compile(module, backend=counter))
+    monkeypatch.setattr(trainer_module.torch, "compile", lambda module, **options: real_compile(
+        module, **{k: v for k, v in options.items() if k != "mode"}, backend=counter))
     torch._dynamo.reset()
     torch.manual_seed(0)
-    trainer = Trainer(tiny_hps(n_batch=4, grad_accum=4, compile=True), torch.device("cpu"))
+    trainer = Trainer(tiny_hps(n_batch=4, grad_accum=4, compile="on"), torch.device("cpu"))
     images, labels = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8), torch.arange(4) % 10
     counts = []
     for index in range(4):
@@ -199,13 +208,15 @@ def _auto_hps(**overrides):
     return tiny_hps(precision="auto", channels_last="auto", grad_checkpoint="auto", **overrides)
 
 
-def _fake_measure(seconds: dict, losses: dict | None = None, calls: list | None = None):
-    """A timer stand-in: seconds per step (and fixed-batch loss) by (precision, channels_last, grad_checkpoint)."""
+def _fake_measure(seconds: dict, losses: dict | None = None, calls: list | None = None, compiled_factor: float = 1.0):
+    """A timer stand-in: seconds per step (and fixed-batch loss) by (precision, channels_last, grad_checkpoint),
+    times ``compiled_factor`` for a compiled candidate (recorded in ``compiled`` calls apart)."""
     def measure(H, device, settings):
         key = (settings["precision"], settings["channels_last"], settings["grad_checkpoint"])
+        compiled = settings.get("compile") == "on"
         if calls is not None:
-            calls.append(key)
-        return seconds.get(key, 1.0), (losses or {}).get(key, 5.0)
+            calls.append((*key, "compiled") if compiled else key)
+        return seconds.get(key, 1.0) * (compiled_factor if compiled else 1.0), (losses or {}).get(key, 5.0)
     return measure
 
 
@@ -218,13 +229,44 @@ def test_auto_picks_the_fastest_measured_setting_and_a_low_precision_only_when_a
     calls = []
     choice = speed.choose_speed_settings(_auto_hps(), cpu, 1e6, log=lambda m: None,
                                          cache_path=tmp_path / "a.json", measure=_fake_measure(seconds, calls=calls))
-    assert choice == {"precision": "bf16", "channels_last": "off", "grad_checkpoint": "none"}
-    assert len(calls) == 8  # 2 precisions x 2 layouts x (none, gelu): the tiny model fits without recomputing
+    assert choice == {"precision": "bf16", "channels_last": "off", "grad_checkpoint": "none", "compile": "off"}
+    # 2 precisions x 2 layouts x (none, gelu): the tiny model fits without recomputing; then the winner compiled
+    # (a million steps repay a compile), no faster here
+    assert len(calls) == 9 and calls[-1] == ("bf16", "off", "none", "compiled")
+    calls = [c for c in calls if "compiled" not in c]
     # the same timings, but bf16 moves the fixed batch's loss by 2%: the fastest fp32 setting instead
     losses = {k: 5.0 for k in calls} | {("bf16", "off", "none"): 5.1}
     choice = speed.choose_speed_settings(_auto_hps(), cpu, 1e6, log=lambda m: None,
                                          cache_path=tmp_path / "b.json", measure=_fake_measure(seconds, losses))
-    assert choice == {"precision": "fp32", "channels_last": "on", "grad_checkpoint": "none"}
+    assert choice == {"precision": "fp32", "channels_last": "on", "grad_checkpoint": "none", "compile": "off"}
+
+
+def test_auto_compile_is_timed_for_runs_long_enough_to_repay_it(tmp_path):
+    """--compile auto: the fastest eager settings timed compiled, kept when faster, and only when the probe's share
+    of the run covers a cold compile (speed.COMPILE_COST_S); --compile on or off is never timed."""
+    import speed
+
+    cpu = torch.device("cpu")
+    fixed = dict(precision="fp32", channels_last="off", grad_checkpoint="none")
+    for factor, expected in ((0.5, "on"), (1.5, "off")):
+        calls = []
+        choice = speed.choose_speed_settings(tiny_hps(**fixed), cpu, 1e6, log=lambda m: None,
+                                             cache_path=tmp_path / f"{factor}.json",
+                                             measure=_fake_measure({}, calls=calls, compiled_factor=factor))
+        assert choice == {**fixed, "compile": expected}
+        assert calls == [("fp32", "off", "none"), ("fp32", "off", "none", "compiled")]
+    # the digits preset's length: 0.05 x 2,500 steps x 0.15 s is far below a compile's cost, so it is not tried
+    calls = []
+    choice = speed.choose_speed_settings(tiny_hps(**fixed), cpu, 2500, log=lambda m: None,
+                                         cache_path=tmp_path / "short.json",
+                                         measure=_fake_measure({("fp32", "off", "none"): 0.15}, calls=calls,
+                                                               compiled_factor=0.1))
+    assert choice["compile"] == "off" and calls == [("fp32", "off", "none")]
+    for explicit in ("on", "off"):
+        calls = []
+        choice = speed.choose_speed_settings(tiny_hps(**fixed, compile=explicit), cpu, 1e6,
+                                             cache_path=tmp_path / "x.json", measure=_fake_measure({}, calls=calls))
+        assert choice == {**fixed, "compile": explicit} and calls == []
 
 
 def test_explicit_speed_flags_win_over_auto(tmp_path):
@@ -232,16 +274,16 @@ def test_explicit_speed_flags_win_over_auto(tmp_path):
 
     calls = []
     measure = _fake_measure({("fp32", "off", "gelu"): 0.1}, calls=calls)
-    fixed = tiny_hps(precision="fp32", channels_last="on", grad_checkpoint="blocks")
+    fixed = tiny_hps(precision="fp32", channels_last="on", grad_checkpoint="blocks", compile="off")
     assert speed.choose_speed_settings(fixed, torch.device("cpu"), 1e6, cache_path=tmp_path / "c.json",
                                        measure=measure) == {"precision": "fp32", "channels_last": "on",
-                                                            "grad_checkpoint": "blocks"}
+                                                            "grad_checkpoint": "blocks", "compile": "off"}
     assert calls == []  # nothing left to decide: no probe
-    partly = tiny_hps(precision="fp32", channels_last="auto", grad_checkpoint="gelu")
+    partly = tiny_hps(precision="fp32", channels_last="auto", grad_checkpoint="gelu", compile="off")
     choice = speed.choose_speed_settings(partly, torch.device("cpu"), 1e6, log=lambda m: None,
                                          cache_path=tmp_path / "c.json", measure=measure)
     assert sorted(calls) == [("fp32", "off", "gelu"), ("fp32", "on", "gelu")]  # only the auto field varies
-    assert choice == {"precision": "fp32", "channels_last": "off", "grad_checkpoint": "gelu"}
+    assert choice == {"precision": "fp32", "channels_last": "off", "grad_checkpoint": "gelu", "compile": "off"}
 
 
 def test_the_cache_spares_the_probe_until_torch_or_the_model_changes(tmp_path, monkeypatch):
@@ -295,7 +337,8 @@ def test_the_probe_leaves_the_runs_random_stream_alone(tmp_path):
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    choice = speed.choose_speed_settings(_auto_hps(), torch.device("cpu"), 1e6, log=lambda m: None,
+    # eager candidates only (a compiled one is timed the same way, minutes of CPU later)
+    choice = speed.choose_speed_settings(_auto_hps(compile="off"), torch.device("cpu"), 1e6, log=lambda m: None,
                                          cache_path=tmp_path / "c.json")
-    assert set(choice) == set(speed.SPEED_FIELDS)
+    assert set(choice) == {*speed.SPEED_FIELDS, "compile"}
     assert torch.equal(torch.rand(3), expected)
