@@ -5,7 +5,8 @@ for a 2-D latent, the manifold.
     python app.py                              # the shipped digits model: http://127.0.0.1:7860
     python app.py --weights weights/cifar10 --port 8000 --device cpu
 
-Tabs: **Sample** (a class by name, how many, one temperature or one per resolution, a seed), **Cherry-pick**
+Tabs: **Sample** (a class by name, how many, one temperature or one per resolution, a seed, and a guidance
+scale for models trained with --label_dropout), **Cherry-pick**
 (NVAE's workflow: draw 3x3 samples, click the good ones until the selection is full, draw again as often as
 needed, reorder, download the grid as a PNG), **Reconstruct**, **Interpolate**, **Class swap** and, for a cvae or
 vlae with ``--zdim 2``, **Manifold**. Every tab calls
@@ -44,6 +45,9 @@ class App:
         model = self.session.model
         self.class_names = list(self.session.class_names) if self.session.conditional else []
         self.abilities = model.abilities
+        # classifier-free guidance: a model whose prior depends on the class, trained with --label_dropout
+        self.guidable = ("guidance" in model.abilities and self.session.conditional and not self.session.multi_label
+                         and model.H.label_dropout > 0)
         self.resolutions = sorted({b.base for b in model.decoder.dec_blocks}) if "groups" in model.abilities else []
 
     # ---- running sample.py's modes ----------------------------------------------------------------
@@ -60,9 +64,14 @@ class App:
             return ",".join(f"{r}:{t:g}" for r, t in zip(self.resolutions, values))
         return f"{value:g}"
 
-    def sample(self, class_name: str, n: int, seed: int, value: float, per_resolution: bool, *values) -> str:
+    def sample(self, class_name: str, n: int, seed: int, value: float, per_resolution: bool,
+               *values_then_guidance) -> str:
+        """The Sample tab: the temperature sliders of each resolution, then the guidance scale."""
+        *values, guidance = values_then_guidance
         flags = ["--n", str(int(n)), "--seed", str(int(seed)),
                  "--temperature", self.temperature(value, per_resolution, list(values))]
+        if guidance and float(guidance) > 0:
+            flags += ["--guidance", f"{float(guidance):g}"]
         if class_name and class_name != "all":
             flags += ["--classes", class_name]
         return str(self.run_mode("grid", flags))
@@ -224,9 +233,10 @@ def sample_tab(app: App, classes: list[str]) -> None:
                                 visible=bool(app.resolutions))
         s_res = [gr.Slider(0.05, 1.5, value=1.0, step=0.05, label=f"{r}x{r}", visible=bool(app.resolutions))
                  for r in app.resolutions]
+        s_guidance = gr.Slider(0.0, 6.0, value=0.0, step=0.25, label="guidance (0: none)", visible=app.guidable)
         s_go = gr.Button("Sample", variant="primary", elem_id="sample-button")
         s_out = gr.Image(label="samples", type="filepath", elem_id="sample-output")
-        s_go.click(shown_errors(app.sample), [s_class, s_n, s_seed, s_t, s_per_res, *s_res], s_out,
+        s_go.click(shown_errors(app.sample), [s_class, s_n, s_seed, s_t, s_per_res, *s_res, s_guidance], s_out,
                    api_name="sample")
 
 

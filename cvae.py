@@ -28,7 +28,7 @@ from family import Family
 from hps import Hyperparams
 from vae import OutputNet
 from vae_helpers import (draw_gaussian_diag_samples, elbo_report, gaussian_analytical_kl, gaussian_log_prob,
-                         without_autocast)
+                         guided_gaussian, label_weights, without_autocast)
 
 # The conv stacks stride down to (and up from) a 4x4 map: image sizes are powers of two >= 8.
 BASE_RES = 4
@@ -52,12 +52,7 @@ def label_vector(labels: torch.Tensor | None, n_classes: int) -> torch.Tensor | 
         return None
     if labels is None:
         raise ValueError("this model is class-conditional: pass labels")
-    if labels.is_floating_point():
-        if labels.dim() != 2 or labels.shape[1] != n_classes:
-            raise ValueError(f"float labels must have shape (B, {n_classes}), got {tuple(labels.shape)}")
-        return labels.float()
-    # a comparison rather than F.one_hot: it also runs on the meta device (activation-memory measurement)
-    return (labels.reshape(-1, 1) == torch.arange(n_classes, device=labels.device)).float()
+    return label_weights(labels, n_classes)
 
 
 class ConvEncoder(nn.Module):
@@ -189,9 +184,10 @@ class CVAE(Family):
         return draw_gaussian_diag_samples(mu, logsigma, noise, self.noise_shard)
 
     def _prior_latent(self, n: int, y: torch.Tensor | None, temperature: float | Sequence[float],
-                      noises: Sequence[torch.Tensor | None] | None) -> torch.Tensor:
+                      noises: Sequence[torch.Tensor | None] | None, guidance: float = 0.0) -> torch.Tensor:
         """z for ``n`` images from the prior: eps (given or drawn), scaled by the temperature, pushed through the
-        prior's inverse map. A temperature t draws eps from N(0, t^2 I), as VAE's prior groups do."""
+        prior's inverse map (guided when ``guidance`` > 0). A temperature t draws eps from N(0, t^2 I), as VAE's
+        prior groups do."""
         t = self._group_temperatures(temperature)[0]
         ref = self.decoder.fc[0].weight  # the parameters' device and dtype (float32 unless the model was cast)
         noise = noises[0] if noises is not None else None
@@ -199,7 +195,13 @@ class CVAE(Family):
             eps = torch.randn((n, self.zdim), device=ref.device, dtype=ref.dtype)
         else:
             eps = noise.to(device=ref.device, dtype=ref.dtype)
+        if guidance > 0:
+            return self.guided_latent_of_noise(eps * t, y, guidance)
         return self.latent_of_noise(eps * t, y)
+
+    def guided_latent_of_noise(self, eps: torch.Tensor, y: torch.Tensor, guidance: float) -> torch.Tensor:
+        """The cvae's prior N(0, I) ignores the class: there is nothing to guide."""
+        raise ValueError("the cvae's prior ignores the class: guidance has nothing to act on")
 
     # ---- the ELBO ------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None,
@@ -235,13 +237,15 @@ class CVAE(Family):
     # ---- generation ----------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, n: int, labels: torch.Tensor | None = None, temperature: float | Sequence[float] = 1.0,
-               noises: Sequence[torch.Tensor | None] | None = None, shared_pixel_noise: bool = False) -> torch.Tensor:
+               noises: Sequence[torch.Tensor | None] | None = None, shared_pixel_noise: bool = False,
+               guidance: float = 0.0) -> torch.Tensor:
         """``n`` images from the prior (for ``labels`` when conditional), as uint8 (n, C, H, W). ``noises``, a list
         of one (n, zdim) tensor of standard-normal eps (or None), fixes the latent: it is scaled by the temperature
         and decoded deterministically through the prior's inverse map; ``shared_pixel_noise`` draws the pixels of
-        every image with the same uniforms (see dmol_sample)."""
+        every image with the same uniforms (see dmol_sample). ``guidance`` w > 0 (the vlae, whose prior depends on
+        the class) draws z from p(z|y)^(1+w) / p(z|null)^w, dimension by dimension (see guided_latent_of_noise)."""
         y = self._y(labels)
-        z = self._prior_latent(n, y, temperature, noises)
+        z = self._prior_latent(n, y, temperature, noises, guidance)
         px_z = self.decoder(z, y)
         return self.levels_to_uint8(self.decoder.out_net.sample(px_z, shared_noise=shared_pixel_noise))
 
@@ -373,6 +377,7 @@ class VLAE(CVAE):
     """
 
     family = "vlae"
+    abilities = CVAE.abilities | {"guidance"}  # its prior depends on the class: it can be guided
 
     def __init__(self, H: Hyperparams):
         super().__init__(H)
@@ -386,6 +391,21 @@ class VLAE(CVAE):
 
     def latent_of_noise(self, eps: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         return self.prior.inverse(eps, y)
+
+    def guided_latent_of_noise(self, eps: torch.Tensor, y: torch.Tensor, guidance: float) -> torch.Tensor:
+        """The flow's inverse under guidance. Given z_<i, the flow makes z_i Gaussian, N(-mu_i/sigma_i, 1/sigma_i^2)
+        (eps_i = z_i sigma_i + mu_i), under the class y and under the null label: each dimension draws from their
+        guided combination (vae_helpers.guided_gaussian) with its eps_i, which carries the temperature. As in the
+        plain inverse, pass k makes dimensions 0..k exact: D passes of the MADE, twice each."""
+        null = torch.zeros_like(y)
+        with without_autocast(eps.device.type):
+            z = torch.zeros_like(eps)
+            for _ in range(self.zdim):
+                (mu_c, log_sigma_c), (mu_u, log_sigma_u) = self.prior.made(z, y), self.prior.made(z, null)
+                mean, logsigma, _ = guided_gaussian(-mu_c * torch.exp(-log_sigma_c), -log_sigma_c,
+                                                    -mu_u * torch.exp(-log_sigma_u), -log_sigma_u, guidance)
+                z = mean + torch.exp(logsigma) * eps
+            return z
 
     def kl_nats(self, mu: torch.Tensor, logsigma: torch.Tensor, z: torch.Tensor,
                 y: torch.Tensor | None) -> torch.Tensor:

@@ -1030,6 +1030,19 @@ def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generato
     return padded[batch_idx, chan_idx, rows, cols]
 
 
+def drop_labels(labels: torch.Tensor, p: float, n_classes: int, generator: torch.Generator | None = None,
+                shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """Label dropout (classifier-free guidance's training, Ho and Salimans 2022): class indices (B,) as one-hot
+    class weights (B, n_classes), each row replaced by the null label (all zeros: no class embedding, no class
+    input) with probability ``p``. With ``shard = (index, count)`` the draws are slice ``index`` of those for
+    ``count`` such batches (see epoch_batches), so ranks and accumulation passes drop what one process would."""
+    n = len(labels)
+    index, count = shard
+    keep = torch.rand(n * count, generator=generator, device=labels.device)[index * n:(index + 1) * n] >= p
+    one_hot = (labels.reshape(-1, 1) == torch.arange(n_classes, device=labels.device)).float()
+    return one_hot * keep[:, None]
+
+
 # ---------------------------------------------------------------------------------------------
 # What a model's settings ask of its data: the size and binarization (hps.DATASET_SHAPES: the padding)
 # ---------------------------------------------------------------------------------------------

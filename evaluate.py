@@ -6,7 +6,8 @@
 Reports the negative ELBO split into reconstruction and KL (and KL per resolution), an importance-weighted
 bound with K posterior draws (K=1 is the ELBO), the negative ELBO of each class, and generative
 classification: each image is given the class whose conditional ELBO is best (a uniform p(y)), with its
-accuracy and confusion matrix. Prints a table and writes one JSON file beside the checkpoint.
+accuracy and confusion matrix; for a model trained with --label_dropout, also the bound under the null label (on
+-log p(x), unconditional). Prints a table and writes one JSON file beside the checkpoint.
 """
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ def format_table(r: dict) -> str:
         lines += [f"      at {res:>4}x{res:<4}{'':{width - 13}}{v:.4f}" for res, v in r["kl_per_resolution"].items()]
     lines.append(f"  IW bound (K={r['iw_samples']:<5})   {r['bpd_iw']:.4f}")
     lines.append(f"  negative ELBO in nats per image: {r['nats_per_image']:.2f}")
+    if "bpd_unconditional" in r:  # trained with --label_dropout: the null label's bound, on -log p(x)
+        lines.append(f"  unconditional (null label): {r['bpd_unconditional']:.4f} = recon "
+                     f"{r['recon_bpd_unconditional']:.4f} + {r['kl_bpd_unconditional']:.4f}")
     if r.get("per_class_bpd") and r.get("class_embedding_is_zero"):
         lines.append("  the class embedding is all zeros: the model is unconditional, so the classes below differ "
                      "only in their images")

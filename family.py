@@ -39,8 +39,9 @@ class Family(nn.Module):
     - a ``decoder`` whose ``out_net`` is the pixel likelihood head (vae.OutputNet), which sets the scored dimensions.
 
     and it declares, as class attributes: ``family`` (its registry name), ``abilities`` (the optional sampling
-    modes it supports, which may grow per instance with the settings), ``stages`` (what it trains, in order) and
-    ``bound_terms`` (what evaluation calls the bound and its two terms).
+    modes it supports, "guidance" where its prior depends on the class, which may grow per instance with the
+    settings), ``stages`` (what it trains, in order) and ``bound_terms`` (what evaluation calls the bound and its
+    two terms).
 
     The base holds the rest: the settings check, ``H``, data scaling (``preprocess``, ``levels_to_uint8``),
     ``n_groups``, ``scored_dims``, the training stage (``stage``, ``stage_parameters``) and the posterior's noise
@@ -68,8 +69,11 @@ class Family(nn.Module):
         raise NotImplementedError
 
     def sample(self, n: int, labels: torch.Tensor | None = None, temperature: float | Sequence[float] = 1.0,
-               noises: Sequence[torch.Tensor | None] | None = None, shared_pixel_noise: bool = False) -> torch.Tensor:
-        """``n`` uint8 images (n, C, H, W) from the prior; ``noises`` fixes the latent of chosen groups."""
+               noises: Sequence[torch.Tensor | None] | None = None, shared_pixel_noise: bool = False,
+               guidance: float = 0.0) -> torch.Tensor:
+        """``n`` uint8 images (n, C, H, W) from the prior; ``noises`` fixes the latent of chosen groups;
+        ``guidance`` w > 0 (families with the "guidance" ability, trained with --label_dropout) draws from
+        p(z|y)^(1+w) / p(z|null)^w, the temperature applied after combining; 0 is the plain prior."""
         raise NotImplementedError
 
     def prior_noise_of(self, images: torch.Tensor, labels: torch.Tensor | None = None,

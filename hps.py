@@ -131,6 +131,10 @@ class Hyperparams:
     grad_accum: int = _f(1, "forward/backward passes whose gradients are summed into one update (gradients are "
                          "synced across devices only on the last): global batch = n_batch x devices x grad_accum")
     augment_shift: int = _f(0, "random translation by up to this many pixels as augmentation (0: none)")
+    label_dropout: float = _f(0.0, "train on the null label (no class: an all-zero class vector) in place of each "
+                              "image's class with this probability, so that one model is conditional and "
+                              "unconditional: sample.py --classes none and --guidance W need it (0: never)",
+                              model=True)
     # speed and memory (``auto`` picks what measured fastest on the device; see README, Speed)
     precision: str = _f("auto", "autocast precision: auto (measured: the fastest of fp32 and the low precision the "
                         "hardware has, bf16 on GPUs with native bf16 and CPUs with AVX512-BF16 or AMX, fp16 with a "
@@ -512,6 +516,9 @@ def fill_derived(H: Hyperparams, image_size: int, channels: int, multi_label: bo
         if H.n_classes not in (0, class_count):
             raise UserError(f"--n_classes must be 0 (unconditional) or {class_count} for {H.dataset}, "
                             f"got {H.n_classes}")
+    if H.label_dropout > 0 and (H.n_classes == 0 or multi_label):
+        raise UserError("--label_dropout needs a class-conditional model of single-class labels (the null label is "
+                        f"the all-zero class vector), not {'attributes' if multi_label else '--n_classes 0'}")
     top_res = max(r for r, _ in parse_layer_string(H.dec_blocks))
     if (class_count is not None or H.model == "vdvae") and top_res != H.image_size:
         raise UserError(f"--dec_blocks must end at the image size {H.image_size}, ends at {top_res}")
@@ -599,6 +606,8 @@ def validate(h: Hyperparams) -> None:
                  "keep_every", "keep_last", "skip_limit", "track_latents"]:
         if getattr(h, name) < 0:
             raise UserError(f"--{name} must be >= 0, got {getattr(h, name)}")
+    if not 0.0 <= h.label_dropout < 1.0:
+        raise UserError(f"--label_dropout must be in [0, 1), got {h.label_dropout}")
     if not 0.0 <= h.ema_rate < 1.0:
         raise UserError(f"--ema_rate must be in [0, 1), got {h.ema_rate}")
     for name in ["adam_beta1", "adam_beta2"]:

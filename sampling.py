@@ -23,13 +23,19 @@ from utils import (CliParser, UserError, add_checkpoint_flags, autocast, availab
 MODES = ("grid", "recon", "interp", "explore", "swap", "manifold")
 
 
-def parse_classes(text: str, class_names: list[str]) -> list[int]:
-    """Comma-separated class names or indices -> indices (empty text: every class)."""
+NULL_CLASS = -1  # "none" in --classes: the null label of a model trained with --label_dropout (no class)
+
+
+def parse_classes(text: str, class_names: list[str], allow_none: bool = False) -> list[int]:
+    """Comma-separated class names or indices -> indices (empty text: every class); with ``allow_none``, "none"
+    is NULL_CLASS."""
     if not text:
         return list(range(len(class_names)))
     indices = []
     for item in (t.strip() for t in text.split(",")):
-        if item in class_names:
+        if allow_none and item == "none" and "none" not in class_names:
+            indices.append(NULL_CLASS)
+        elif item in class_names:
             indices.append(class_names.index(item))
         elif item.lstrip("-").isdigit():
             idx = int(item)
@@ -102,14 +108,24 @@ def check_output_size(n: int, nrow: int, image_shape: tuple[int, ...], suffix: s
 
 
 def sample_batched(model: nn.Module, n: int, labels: torch.Tensor | None, temperature, n_batch: int,
-                   amp_dtype) -> torch.Tensor:
-    """``n`` samples drawn ``n_batch`` at a time (uint8, on the CPU)."""
+                   amp_dtype, guidance: float = 0.0) -> torch.Tensor:
+    """``n`` samples drawn ``n_batch`` at a time (uint8, on the CPU), guided by ``guidance`` when > 0."""
     chunks = []
+    extra = {"guidance": guidance} if guidance > 0 else {}  # 0: the plain prior, exactly as without the flag
     with autocast(next(model.parameters()).device, amp_dtype):
         for start in range(0, n, n_batch):
             chunk_labels = labels[start:start + n_batch] if labels is not None else None
-            chunks.append(model.sample(min(n_batch, n - start), chunk_labels, temperature).cpu())
+            chunks.append(model.sample(min(n_batch, n - start), chunk_labels, temperature, **extra).cpu())
     return torch.cat(chunks)
+
+
+def class_rows(classes: list[int], n_classes: int, device) -> torch.Tensor:
+    """Class indices as class weights (one-hot; NULL_CLASS: all zeros, the null label)."""
+    rows = torch.zeros((len(classes), n_classes), device=device)
+    for i, c in enumerate(classes):
+        if c != NULL_CLASS:
+            rows[i, c] = 1.0
+    return rows
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
@@ -178,6 +194,7 @@ class Session:
         self.multi_label = self.conditional and self.H.multi_label
         self.amp_dtype = resolve_precision(args.precision, self.device)
         self.temperature = parse_temperature(args.temperature, self.model)
+        self.guidance = self.checked_guidance(getattr(args, "guidance", 0.0))
         self.n_groups = self.model.n_groups
 
     def with_args(self, args: argparse.Namespace) -> "Session":
@@ -186,7 +203,31 @@ class Session:
         other.args = args
         other.amp_dtype = resolve_precision(args.precision, self.device)
         other.temperature = parse_temperature(args.temperature, self.model)
+        other.guidance = other.checked_guidance(getattr(args, "guidance", 0.0))
         return other
+
+    def checked_guidance(self, w: float) -> float:
+        """--guidance W: 0 (none), or W > 0 for a class-conditional model trained with label dropout whose prior
+        depends on the class; anything else is one line naming why."""
+        if w < 0 or w != w:
+            raise UserError(f"--guidance must be >= 0, got {w}")
+        if w > 0:
+            self.require_null_label("--guidance")
+            if "guidance" not in self.model.abilities:
+                raise UserError(f"{self.args.weights} is a {self.H.model}, whose prior ignores the class: --guidance "
+                                f"has nothing to push on (the vdvae, vlae and vqvae can be guided)")
+        return w
+
+    def require_null_label(self, flag: str) -> None:
+        """The null label means something only to a class model trained with --label_dropout."""
+        if not self.conditional or self.multi_label:
+            kind = "an unconditional model" if not self.conditional else "an attribute model"
+            raise UserError(f"{self.args.weights} is {kind}: {flag} needs a class-conditional model trained with "
+                            f"--label_dropout")
+        if self.H.label_dropout <= 0:
+            raise UserError(f"{self.args.weights} was trained without label dropout (--label_dropout 0), so it has "
+                            f"no unconditional prior: {flag} needs a model trained with --label_dropout P "
+                            f"(0.1 is usual)")
 
     def n(self, default: int) -> int:
         return self.args.n if self.args.n is not None else default
@@ -274,7 +315,7 @@ class Session:
         return split.images[idx].to(self.device), split.labels[idx].to(self.device), indices
 
     def name(self, label: int) -> str:
-        return self.class_names[label]
+        return "none" if label == NULL_CLASS else self.class_names[label]
 
     def decode(self, noises: list[torch.Tensor], labels: torch.Tensor | None) -> torch.Tensor:
         """Images from fixed latent noise, every pixel drawn with the same uniforms (seeded here, so the same
@@ -324,7 +365,9 @@ def run_grid(s: Session) -> str:
     elif s.conditional:
         if args.classes:
             s.refuse_class_if_ignored("--classes")
-        classes = parse_classes(args.classes, s.class_names)
+        classes = parse_classes(args.classes, s.class_names, allow_none=True)
+        if NULL_CLASS in classes:
+            s.require_null_label("--classes none")
         per_class = args.n_per_class or s.n(10)
         nrow, n = per_class, len(classes) * per_class
         row_labels = [s.name(c) for c in classes]
@@ -340,10 +383,12 @@ def run_grid(s: Session) -> str:
     labels = None  # built after the size check: --n 100000000 must not allocate a billion labels first
     if s.multi_label:
         labels = rows.repeat_interleave(per_class, dim=0)
+    elif s.conditional and NULL_CLASS in classes:  # class weights: the null label is a row of zeros
+        labels = class_rows(classes, s.H.n_classes, s.device).repeat_interleave(per_class, dim=0)
     elif s.conditional:
         labels = s.labels(classes, 0).repeat_interleave(per_class)
     torch.manual_seed(args.seed)
-    images = sample_batched(s.model, n, labels, s.temperature, args.n_batch, s.amp_dtype)
+    images = sample_batched(s.model, n, labels, s.temperature, args.n_batch, s.amp_dtype, s.guidance)
     if args.outdir:  # one PNG per sample, in a folder per class, for FID tools and other pipelines
         names = [row_labels[i // nrow] if s.conditional else "" for i in range(n)]  # rows are classes
         folders = [folder_name(name) if name else "all" for name in names]
@@ -354,6 +399,8 @@ def run_grid(s: Session) -> str:
                f"{manifest}"
     if out.suffix == ".npz":
         label_array = labels.cpu().numpy() if labels is not None else np.full(n, -1)
+        if s.conditional and not s.multi_label:  # class indices, -1 for the null label
+            label_array = np.repeat(np.array(classes), per_class)
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             label_array = label_array.astype(np.float32 if s.multi_label else np.int64)  # attribute vectors: (N, A)
@@ -628,6 +675,9 @@ def build_parser(description: str | None = None) -> CliParser:
     g = modes["grid"]
     g.add_argument("--classes", default="", help="comma-separated class names or indices (default: all)")
     g.add_argument("--n_per_class", type=int, default=None, help="samples per class (same as --n)")
+    g.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance scale W >= 0: each latent "
+                   "drawn from p(z|class)^(1+W) / p(z|none)^W, the temperature applied after (a model trained with "
+                   "--label_dropout; 0: none). With --classes, 'none' names the null label: unconditional samples")
     for m in (g, modes["explore"], modes["interp"]):
         m.add_argument("--attributes", default=None, help="attribute models (celeba64): rows of attributes to set, "
                        "'Smiling,Male=0;Eyeglasses' (others at their training frequency)")

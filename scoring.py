@@ -36,11 +36,13 @@ def posterior_noise(model, keys: Sequence[int], seed: int, device: torch.device)
 
 @torch.no_grad()
 def evaluate_elbo(model, split: Split, batch_size: int, device: torch.device, seed: int = 0,
-                  dist: Dist | None = None) -> dict:
+                  dist: Dist | None = None, null_label: bool = False) -> dict:
     """Mean negative ELBO over ``split`` (bits/dim): total, reconstruction, KL, KL per latent group, and
     the per-image values (in one process). Each image's posterior noise comes from (seed, its index), so the
     figures are the same at any batch size and any number of ranks (batch b on rank b % world, sums reduced);
-    the caller's RNG state is untouched. Sums accumulate in float64 on the CPU (MPS has no float64)."""
+    the caller's RNG state is untouched. Sums accumulate in float64 on the CPU (MPS has no float64).
+    ``null_label``: every image under the null label (all-zero class weights) of a model trained with
+    --label_dropout, whose bound is then on -log p(x) rather than -log p(x|y)."""
     dist = dist or Dist()
     was_training = model.training
     model.eval()
@@ -53,6 +55,8 @@ def evaluate_elbo(model, split: Split, batch_size: int, device: torch.device, se
         if b % dist.world != dist.rank:
             continue
         noises = posterior_noise(model, range(first, first + n), seed, device)
+        if null_label:
+            labels = torch.zeros((n, model.H.n_classes))
         out = model(images.to(device), labels.to(device) if conditional else None, noises=noises)
         loss_per_image = out["loss_per_image"].float().cpu().double()
         per_image.append(loss_per_image)
@@ -159,6 +163,10 @@ def evaluate_checkpoint(weights: str, split_name: str = "test", iw_samples: int 
     if H.n_classes > 0 and not H.multi_label:  # per class and generative classification: one class per image
         result["per_class_bpd"] = {name: elbo["per_image"][labels == c].mean().item()
                                    for c, name in enumerate(class_names) if (labels == c).any()}
+        if H.label_dropout > 0:  # one model, conditional and unconditional: its bound on -log p(x) too
+            unconditional = evaluate_elbo(model, split, batch_size, dev, seed, null_label=True)
+            result.update(bpd_unconditional=unconditional["loss"], recon_bpd_unconditional=unconditional["recon"],
+                          kl_bpd_unconditional=unconditional["kl"])
         if classify:
             scores = class_conditional_bpd(model, split, batch_size, dev, seed)
             predicted = scores.argmin(dim=1)

@@ -21,7 +21,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import CHECKPOINT_FORMAT, load_checkpoint, load_newest_checkpoint
-from data import binarize, random_shift
+from data import binarize, drop_labels, random_shift
 from hps import MODEL_FIELDS, Hyperparams
 from models import build_model, checkpoint_from_openai, is_openai_checkpoint
 from utils import (Dist, UserError, autocast, device_rng_state, resolve_channels_last, resolve_precision,
@@ -210,6 +210,8 @@ class Trainer:
                 x = random_shift(x, H.augment_shift, shard=shard)
                 if H.likelihood == "bernoulli":  # dynamic binarization: a fresh draw of the pixels every step
                     x = binarize(x, shard=shard)
+                if H.label_dropout > 0:  # one model, conditional and unconditional (see data.drop_labels)
+                    y = drop_labels(y, H.label_dropout, H.n_classes, shard=shard)
                 out = self._forward(x, y, shard)
                 loss = out["loss_nats"] / accum  # the mean over the global batch: equal-sized passes
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()

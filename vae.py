@@ -23,8 +23,8 @@ from family import Family
 from hps import Hyperparams, parse_layer_string
 from vae_helpers import (Block, bernoulli_log_prob, bernoulli_sample, discretized_gaussian_log_prob, elbo_report,
                          discretized_gaussian_sample, dmol_log_prob, dmol_sample, draw_gaussian_diag_samples,
-                         gaussian_analytical_kl, gaussian_log_prob, get_conv, get_width_settings,
-                         likelihood_param_count, without_autocast)
+                         gaussian_analytical_kl, gaussian_log_prob, get_conv, get_width_settings, guided_gaussian,
+                         label_weights, likelihood_param_count, without_autocast)
 
 
 # Under --grad_checkpoint blocks, runs of this many consecutive blocks are recomputed together: half the
@@ -119,13 +119,16 @@ class DecBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, acts: torch.Tensor | None, temperature: float = 1.0,
                 noise: torch.Tensor | None = None, log_ratio: bool = False,
-                prior_noise: bool = False) -> tuple[torch.Tensor, dict]:
+                prior_noise: bool = False, guidance: float = 0.0) -> tuple[torch.Tensor, dict]:
         """Draw z (posterior when ``acts`` is given, else prior at ``temperature``) and update the state.
 
         Returns the new state and stats: z, and for the posterior the KL map (nats, fp32) and, when
         ``log_ratio``, log q(z|x) - log p(z) at the drawn z (for importance-weighted bounds). With
         ``prior_noise``, also ``eps`` = (z - prior mean) / prior sigma: the standard-normal noise from which
-        the prior, fed it as ``noise``, draws this same z.
+        the prior, fed it as ``noise``, draws this same z. With ``guidance`` w > 0 (prior only) the batch is two
+        halves, the states under the asked labels and under the null label: z is drawn once from the guided
+        prior (vae_helpers.guided_gaussian, then the temperature) and both halves go on with it; stats then hold
+        ``guidance_fallback``, the share of dimensions that fell back to mean-only guidance.
         """
         feats = self.prior(x)
         pm, plogs, xpp = feats[:, :self.zdim], feats[:, self.zdim:2 * self.zdim], feats[:, 2 * self.zdim:]
@@ -138,9 +141,15 @@ class DecBlock(nn.Module):
             if log_ratio:
                 stats["log_ratio"] = gaussian_log_prob(z, qm, qlogs) - gaussian_log_prob(z, pm, plogs)
         else:
+            if guidance > 0:
+                half = len(pm) // 2
+                pm, plogs, fell_back = guided_gaussian(pm[:half], plogs[:half], pm[half:], plogs[half:], guidance)
+                stats["guidance_fallback"] = fell_back.float().mean()
             if temperature != 1.0:  # a temperature t scales the prior's standard deviation by t
                 plogs = plogs + math.log(temperature)
             z = draw_gaussian_diag_samples(pm, plogs, noise)
+            if guidance > 0:
+                z = torch.cat([z, z]).to(x.dtype)
         if prior_noise:
             stats["eps"] = ((z.float() - pm.float()) * torch.exp(-unit_plogs.float())).to(z.dtype)
         x = x + xpp
@@ -246,13 +255,16 @@ class Decoder(nn.Module):
                 batch: int | None = None, n_posterior: int | None = None,
                 temperature: float | Sequence[float] = 1.0,
                 noises: Sequence[torch.Tensor | None] | None = None,
-                log_ratio: bool = False, prior_noise: bool = False) -> tuple[torch.Tensor, list[dict]]:
+                log_ratio: bool = False, prior_noise: bool = False,
+                guidance: float = 0.0) -> tuple[torch.Tensor, list[dict]]:
         """Run the decoder top-down.
 
         Groups ``0..n_posterior-1`` draw from the posterior (all of them by default when ``activations`` is
         given), the rest from the prior at ``temperature`` (a float, or one per group). ``noises`` fixes the
         standard-normal noise of chosen groups. ``labels`` are class indices (B,), or (B, n_classes) weights
-        that mix the class embeddings. Returns the output features and per-group stats (see DecBlock).
+        that mix the class embeddings. ``guidance`` w > 0 (prior groups only): ``labels`` are the asked labels
+        then as many null labels, ``batch`` counts both halves, and every group draws from the guided prior
+        (see DecBlock). Returns the output features and per-group stats (see DecBlock).
         """
         ref = self.gain  # device and dtype of zero initial states
         if batch is None:
@@ -278,19 +290,20 @@ class Decoder(nn.Module):
             acts = activations[res] if activations is not None else None
             x, segment_stats = maybe_checkpointed(self._run_segment, self.checkpoint_blocks and self.training,
                                                   segment, x, acts, temps, noises, log_ratio, n_posterior,
-                                                  prior_noise)
+                                                  prior_noise, guidance)
             xs[res] = x
             stats += segment_stats
         out = xs[self.image_size]
         return out * self.gain + self.bias, stats
 
     def _run_segment(self, segment: list[int], x: torch.Tensor, acts: torch.Tensor | None, temps: list[float],
-                     noises, log_ratio: bool, n_posterior: int,
-                     prior_noise: bool = False) -> tuple[torch.Tensor, list[dict]]:
+                     noises, log_ratio: bool, n_posterior: int, prior_noise: bool = False,
+                     guidance: float = 0.0) -> tuple[torch.Tensor, list[dict]]:
         stats = []
         for i in segment:
             x, block_stats = self.dec_blocks[i](x, acts if i < n_posterior else None, temps[i],
-                                                noises[i] if noises is not None else None, log_ratio, prior_noise)
+                                                noises[i] if noises is not None else None, log_ratio, prior_noise,
+                                                guidance if i >= n_posterior else 0.0)
             stats.append(block_stats)
         return x, stats
 
@@ -304,7 +317,7 @@ class VAE(Family):
     family = "vdvae"
     # optional abilities sampling modes may rely on: latent groups to explore, prior noise (interpolation and class
     # swaps), a temperature per group
-    abilities = frozenset({"groups", "prior_noise", "per_group_temperature"})
+    abilities = frozenset({"groups", "prior_noise", "per_group_temperature", "guidance"})
 
     def __init__(self, H: Hyperparams):
         super().__init__(H)
@@ -369,11 +382,19 @@ class VAE(Family):
     # ---- generation ---------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, n: int, labels: torch.Tensor | None = None, temperature: float | Sequence[float] = 1.0,
-               noises: Sequence[torch.Tensor | None] | None = None, shared_pixel_noise: bool = False) -> torch.Tensor:
+               noises: Sequence[torch.Tensor | None] | None = None, shared_pixel_noise: bool = False,
+               guidance: float = 0.0) -> torch.Tensor:
         """``n`` images from the prior (for ``labels`` when conditional), as uint8 (n, C, H, W). ``noises``
         fixes the latent noise of chosen groups; ``shared_pixel_noise`` draws the pixels of every image with
-        the same uniforms (see dmol_sample)."""
-        px_z, _ = self.decoder(None, labels, batch=n, temperature=temperature, noises=noises)
+        the same uniforms (see dmol_sample); ``guidance`` w > 0 draws every latent group from
+        p(z|y)^(1+w) / p(z|null)^w (classifier-free guidance; a model trained with --label_dropout)."""
+        if guidance > 0:  # the asked labels, then the null label: the decoder guides every group's prior
+            weights = label_weights(labels, self.H.n_classes)
+            px_z, _ = self.decoder(None, torch.cat([weights, torch.zeros_like(weights)]), batch=2 * n,
+                                   temperature=temperature, noises=noises, guidance=guidance)
+            px_z = px_z[:n]
+        else:
+            px_z, _ = self.decoder(None, labels, batch=n, temperature=temperature, noises=noises)
         return self.levels_to_uint8(self.decoder.out_net.sample(px_z, shared_noise=shared_pixel_noise))
 
     @torch.no_grad()

@@ -180,6 +180,43 @@ def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, logsigma: torch.Tensor)
     return -0.5 * math.log(2 * math.pi) - logsigma - 0.5 * ((z - mu) * torch.exp(-logsigma)) ** 2
 
 
+def label_weights(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Class labels as class weights (B, n_classes) in float32: a one-hot of class indices (B,), float labels as
+    given (multi-hot attributes, weights that mix classes, or all zeros: the null label of --label_dropout)."""
+    if labels.is_floating_point():
+        if labels.dim() != 2 or labels.shape[1] != n_classes:
+            raise ValueError(f"float labels must have shape (B, {n_classes}), got {tuple(labels.shape)}")
+        return labels.float()
+    # a comparison rather than F.one_hot: it also runs on the meta device (activation-memory measurement)
+    return (labels.reshape(-1, 1) == torch.arange(n_classes, device=labels.device)).float()
+
+
+# Where the guided target's precision falls below this share of the conditional's (a variance over 1/share times
+# the conditional's), the product of densities is too flat to trust: its mean diverges as the precision nears zero
+GUIDANCE_PRECISION_FLOOR = 0.5
+
+
+def guided_gaussian(mu_c: torch.Tensor, logsigma_c: torch.Tensor, mu_u: torch.Tensor, logsigma_u: torch.Tensor,
+                    w: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Classifier-free guidance of a diagonal Gaussian prior, per dimension, in float32: the target
+    p(z|y)^(1+w) / p(z)^w for the conditional N(mu_c, s_c^2) and the unconditional N(mu_u, s_u^2).
+
+    It is Gaussian with precision l = (1+w)/s_c^2 - w/s_u^2 and mean ((1+w) mu_c/s_c^2 - w mu_u/s_u^2) / l where l
+    is positive. Where l < GUIDANCE_PRECISION_FLOOR / s_c^2 (no distribution at all when l <= 0, and a mean that
+    diverges as l nears 0), the dimension falls back to guiding the mean only: (1+w) mu_c - w mu_u with the
+    conditional's s_c, bounded for any w. Returns (mean, log sigma, fell_back), the last a bool map of the
+    dimensions that used the fallback."""
+    mu_c, logsigma_c, mu_u, logsigma_u = (t.float() for t in (mu_c, logsigma_c, mu_u, logsigma_u))
+    precision_c, precision_u = torch.exp(-2 * logsigma_c), torch.exp(-2 * logsigma_u)
+    precision = (1 + w) * precision_c - w * precision_u
+    fell_back = precision < GUIDANCE_PRECISION_FLOOR * precision_c
+    safe = torch.where(fell_back, precision_c, precision)  # no division by a precision near zero, even unused
+    mean = torch.where(fell_back, (1 + w) * mu_c - w * mu_u,
+                       ((1 + w) * mu_c * precision_c - w * mu_u * precision_u) / safe)
+    logsigma = torch.where(fell_back, logsigma_c, -0.5 * torch.log(safe))
+    return mean, logsigma, fell_back
+
+
 def draw_gaussian_diag_samples(mu: torch.Tensor, logsigma: torch.Tensor, noise: torch.Tensor | None = None,
                                shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """Reparameterised sample mu + sigma * eps; ``noise`` supplies eps when the caller fixes it.

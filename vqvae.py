@@ -235,14 +235,22 @@ class GatedPixelCNN(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, labels: torch.Tensor | None, shape: Sequence[int],
-               temperature: float = 1.0) -> torch.Tensor:
+               temperature: float = 1.0, guidance: float = 0.0) -> torch.Tensor:
         """``n`` code grids (n, H, W) drawn one position at a time in raster order; the logits are divided by
-        ``temperature`` (0: the most likely code at each step)."""
+        ``temperature`` (0: the most likely code at each step). ``guidance`` w > 0 draws from the logits
+        (1+w) l(y) - w l(null) at every position (classifier-free guidance), then the temperature."""
         h, w = shape
         codes = torch.zeros((n, h, w), dtype=torch.long, device=self.embedding.weight.device)
+        if guidance > 0:
+            weights = label_vector(labels, self.n_classes)
+            labels = torch.cat([weights, torch.zeros_like(weights)])  # the asked labels, then the null label
         for i in range(h):
             for j in range(w):
-                logits = self(codes, labels)[:, :, i, j].float()
+                if guidance > 0:
+                    conditional, unconditional = self(codes.repeat(2, 1, 1), labels)[:, :, i, j].float().chunk(2)
+                    logits = (1 + guidance) * conditional - guidance * unconditional
+                else:
+                    logits = self(codes, labels)[:, :, i, j].float()
                 if temperature <= 0:
                     codes[:, i, j] = logits.argmax(dim=1)
                 else:
@@ -328,7 +336,7 @@ class VQVAE(Family):
     stages = STAGES
     bound_terms = ("bound -log p(x|z_q) - log p(z_q|y)", "reconstruction -log p(x|z_q)", "prior -log p(z_q|y)")
     # no prior noise (the latent is discrete and the posterior deterministic), no groups to explore
-    abilities = frozenset()
+    abilities = frozenset({"guidance"})  # the PixelCNN prior depends on the class
 
     def __init__(self, H: Hyperparams):
         super().__init__(H)
@@ -419,14 +427,16 @@ class VQVAE(Family):
     # ---- generation ----------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, n: int, labels: torch.Tensor | None = None, temperature: float | Sequence[float] = 1.0,
-               noises: Sequence[torch.Tensor | None] | None = None, shared_pixel_noise: bool = False) -> torch.Tensor:
+               noises: Sequence[torch.Tensor | None] | None = None, shared_pixel_noise: bool = False,
+               guidance: float = 0.0) -> torch.Tensor:
         """``n`` images as uint8 (n, C, H, W): codes drawn from the PixelCNN (for ``labels`` when conditional, the
-        logits divided by ``temperature``), decoded, and pixels drawn from the likelihood. ``noises``, a list of one
-        (n, H, W) integer code grid (as prior_noise_of returns), decodes those codes instead of drawing them."""
+        logits divided by ``temperature``; guided by ``guidance`` w > 0, see GatedPixelCNN.sample), decoded, and
+        pixels drawn from the likelihood. ``noises``, a list of one (n, H, W) integer code grid (as prior_noise_of
+        returns), decodes those codes instead of drawing them."""
         t = self._group_temperatures(temperature)[0]
         codes = noises[0] if noises is not None else None
         if codes is None:
-            codes = self.prior.sample(n, self._labels(labels), (self.grid, self.grid), t)
+            codes = self.prior.sample(n, self._labels(labels), (self.grid, self.grid), t, guidance)
         elif codes.is_floating_point() or tuple(codes.shape) != (n, self.grid, self.grid):
             raise ValueError(f"the vqvae family has no prior noise: noises must be one ({n}, {self.grid}, "
                              f"{self.grid}) grid of codes, got {tuple(codes.shape)} {codes.dtype}")

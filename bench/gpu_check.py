@@ -72,7 +72,8 @@ N_TRAIN_FILES, PER_FILE, N_TEST = 5, 1100, 512  # synthetic CIFAR-10: 5,500 trai
 def plan(tiny: bool) -> dict:
     """Sizes of every section: the full ones on a GPU, seconds' worth on the CPU."""
     if tiny:
-        return dict(arch=[*TINY_ARCH, "--compile", "off"], n_batch=4, steps=2, warmup=1, sample_batches="4,8", sample_reps=1,
+        return dict(arch=[*TINY_ARCH, "--compile", "off"], n_batch=4, steps=2, warmup=1, sample_batches="4,8",
+                    sample_reps=1,
                     parity_steps=12, digits=["--max_steps", "20", "--n_batch", "8", "--precision", "fp32",
                                              "--channels_last", "off", "--grad_checkpoint", "none"],
                     resume_every=2, resume_more=2, torchrun_steps=6, torchrun_log=2, max_batch_start=4,

@@ -59,9 +59,9 @@ def test_the_app_samples_cherry_picks_and_runs_every_mode(served):
     from gradio_client import Client
 
     client = Client(served, verbose=False)
-    grid = png(client.predict("3", 4, 0, 1.0, False, 1.0, 1.0, 1.0, api_name="/sample"))
+    grid = png(client.predict("3", 4, 0, 1.0, False, 1.0, 1.0, 1.0, 0.0, api_name="/sample"))
     assert grid.std() > 10
-    per_res = png(client.predict("3", 4, 0, 1.0, True, 1.0, 0.5, 0.1, api_name="/sample"))
+    per_res = png(client.predict("3", 4, 0, 1.0, True, 1.0, 0.5, 0.1, 0.0, api_name="/sample"))
     assert per_res.shape == grid.shape and not np.array_equal(per_res, grid)  # the sliders reach the sampler
 
     pool, status = client.predict("7", 1.0, 0, api_name="/draw")

@@ -413,9 +413,12 @@ def test_families_declare_their_layout_and_abilities():
         model = build(family)
         assert cls.family == family and model.family == family
         assert model.n_groups == 1 and model.latent_shapes() == [(4,)]
-        assert model.abilities == frozenset({"prior_noise"})
-        assert build(family, zdim=2).abilities == frozenset({"prior_noise", "manifold"})
-    assert VAE.family == "vdvae" and VAE.abilities == frozenset({"groups", "prior_noise", "per_group_temperature"})
+        # the vlae's prior depends on the class and can be guided; the cvae's N(0, I) cannot
+        guided = {"guidance"} if family == "vlae" else set()
+        assert model.abilities == frozenset({"prior_noise", *guided})
+        assert build(family, zdim=2).abilities == frozenset({"prior_noise", "manifold", *guided})
+    assert VAE.family == "vdvae" and VAE.abilities == frozenset({"groups", "prior_noise", "per_group_temperature",
+                                                                 "guidance"})
 
 
 def test_vae_contract_methods_delegate(tiny):

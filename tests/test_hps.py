@@ -19,7 +19,7 @@ MODEL_SHAPING = {"model", "conv_width", "made_hidden", "codebook_size", "code_di
                  "prior_layers", "dataset", "image_size", "image_channels", "pixel_levels", "n_classes", "width",
                  "custom_width_str", "enc_blocks", "dec_blocks", "zdim", "bottleneck_multiple", "num_mixtures",
                  "no_bias_above", "likelihood", "gaussian_std", "data_shift", "data_scale", "vdvae_5bit", "pad",
-                 "multi_label"}
+                 "multi_label", "label_dropout"}
 
 
 def test_presets_and_overrides():

@@ -176,7 +176,7 @@ def test_quantizer_gradients():
 def test_vqvae_layout_and_contract(digits):
     model = build().eval()
     images, labels = digits
-    assert model.family == "vqvae" and model.abilities == frozenset()
+    assert model.family == "vqvae" and model.abilities == frozenset({"guidance"})  # its PixelCNN sees the class
     assert model.n_groups == 1 and model.latent_shapes() == [(4, 4)]
     assert model.scored_dims((1, 8, 8)) == 64.0
     model.set_noise_shard(1, 4)  # a no-op: no posterior noise
