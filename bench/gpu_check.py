@@ -351,14 +351,15 @@ def section_batch_sweep(c: Check) -> dict:
 
 SECTIONS: list[tuple[str, Callable[[Check], dict], float]] = [  # name, function, least seconds worth starting
     ("machine", section_machine, 10), ("profile", section_profile, 20), ("throughput", section_throughput, 60),
-    ("batch_sweep", section_batch_sweep, 40), ("parity", section_parity, 30), ("torchrun", section_torchrun, 40),
-    ("cuda_paths", section_cuda_paths, 30), ("max_batch", section_max_batch, 40), ("digits", section_digits, 40),
-    ("resume", section_resume, 40),
+    ("batch_sweep", section_batch_sweep, 40), ("parity", section_parity, 30), ("digits", section_digits, 40),
+    ("resume", section_resume, 40), ("torchrun", section_torchrun, 40), ("cuda_paths", section_cuda_paths, 30),
+    ("max_batch", section_max_batch, 40),
 ]
 # each part is one command of at most 6 minutes (its --budget_s default), so that 15 minutes of a lent GPU hold both
 # with a rerun to spare; the first holds what no card has measured yet
 PARTS = {"part1": ("machine", "profile", "throughput", "batch_sweep"),
-         "part2": ("parity", "torchrun", "cuda_paths", "max_batch", "digits", "resume")}
+         # cuda_paths evaluates the checkpoint resume leaves
+         "part2": ("parity", "digits", "resume", "torchrun", "cuda_paths", "max_batch")}
 
 
 # ---------------------------------------------------------------------------------------------
