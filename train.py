@@ -334,8 +334,9 @@ def save(run: Run, trainer: Trainer) -> Path:
                               keep_previous=True)
             if run.H.keep_every and state.step % run.H.keep_every == 0:
                 keep_copy(latest, state.step, run.H.keep_last)
-            if trainer.compiled:
+            if trainer.compiled and not trainer.compile_cache_saved:  # once a stage: the graphs compile once
                 save_compile_cache(run.run_dir)
+                trainer.compile_cache_saved = True
         except OSError as err:  # a full disk, a quota, a vanished mount: the last checkpoint is intact
             held = f"{latest} still holds the checkpoint before it, intact" if latest.exists() else \
                 "no checkpoint was written"

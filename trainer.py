@@ -140,6 +140,7 @@ class Trainer:
             self.ddp = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.compiled = H.compile == "on"  # auto is decided before a run builds its Trainer (speed.py)
         self.compile_mode: str | None = None
+        self.compile_cache_saved = False  # train.py writes the run's compile cache at this stage's first save
         wrapped = self.ddp or self.model
         self.forward = self._compile(wrapped, compile_mode) if self.compiled else wrapped
         # on the CPU the multi-tensor (foreach) operations of the gradient norm, clipping and EMA run one operator
