@@ -1030,6 +1030,17 @@ def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generato
     return padded[batch_idx, chan_idx, rows, cols]
 
 
+def random_flip(images: torch.Tensor, generator: torch.Generator | None = None,
+                shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """Mirror each image left to right with probability 1/2 (Efficient-VDVAE's random horizontal flip). With
+    ``shard = (index, count)`` the coin flips are slice ``index`` of those drawn for ``count`` such batches (see
+    epoch_batches)."""
+    n = len(images)
+    index, count = shard
+    flip = torch.rand(n * count, generator=generator, device=images.device)[index * n:(index + 1) * n] < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
 def drop_labels(labels: torch.Tensor, p: float, n_classes: int, generator: torch.Generator | None = None,
                 shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """Label dropout (classifier-free guidance's training, Ho and Salimans 2022): class indices (B,) as one-hot

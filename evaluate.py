@@ -7,7 +7,9 @@ Reports the negative ELBO split into reconstruction and KL (and KL per resolutio
 bound with K posterior draws (K=1 is the ELBO), the negative ELBO of each class, and generative
 classification: each image is given the class whose conditional ELBO is best (a uniform p(y)), with its
 accuracy and confusion matrix; for a model trained with --label_dropout, also the bound under the null label (on
--log p(x), unconditional). Prints a table and writes one JSON file beside the checkpoint.
+-log p(x), unconditional); for a VDVAE, the share of its latent channels in use (held-out KL above 1e-4 nats per
+dimension: Efficient-VDVAE's diagnostic, scoring.active_latents). Prints a table and writes one JSON file beside
+the checkpoint.
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ def format_table(r: dict) -> str:
              f"    {kl:<{width - 2}}{r['kl_bpd']:.4f}"]
     if list(r["kl_per_resolution"]) != ["z"]:  # one latent (cvae, vlae, vqvae): nothing to split
         lines += [f"      at {res:>4}x{res:<4}{'':{width - 13}}{v:.4f}" for res, v in r["kl_per_resolution"].items()]
+    if "active_latents" in r:  # a VDVAE: the share of its latent channels that carry information
+        lines.append(format_active_latents(r["active_latents"]))
     lines.append(f"  IW bound (K={r['iw_samples']:<5})   {r['bpd_iw']:.4f}")
     lines.append(f"  negative ELBO in nats per image: {r['nats_per_image']:.2f}")
     if "bpd_unconditional" in r:  # trained with --label_dropout: the null label's bound, on -log p(x)
@@ -41,6 +45,14 @@ def format_table(r: dict) -> str:
     if "gen_class_acc" in r:
         lines.append(f"  generative classification accuracy {r['gen_class_acc']:.4f}")
     return "\n".join(lines)
+
+
+def format_active_latents(a: dict) -> str:
+    """One line: the share of active latent channels in all, then per resolution (coarse to fine)."""
+    per_res = ", ".join(f"at {res}x{res} {v['share']:.1%} ({v['active']}/{v['channels']})"
+                        for res, v in a["per_resolution"].items())
+    return (f"  active latents: {a['share']:.1%} of {a['channels']} channels ({a['active']}) above "
+            f"{a['threshold_nats']:.0e} nats; {per_res}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,7 +27,7 @@ from utils import CliParser, UserError
 # Block specs and likelihoods: the syntax of --enc_blocks/--dec_blocks and the values of --likelihood
 # ---------------------------------------------------------------------------------------------
 
-_SPEC_ITEM = re.compile(r"^(\d+)(?:([xmd])(\d+))?$")
+_SPEC_ITEM = re.compile(r"^(\d+)(?:([xmds])(\d+))?$")
 LIKELIHOODS = ("dmol", "bernoulli", "gaussian")  # vae_helpers computes each
 
 
@@ -35,7 +35,9 @@ def parse_layer_string(spec: str) -> list[tuple[int, int | None]]:
     """Parse a block spec such as ``32x11,32d2,16x6`` or ``1x1,4m1,4x2`` into (resolution, arg) pairs.
 
     ``RxN`` is N blocks at resolution R; ``RdK`` is one block at R followed by average pooling by K;
-    ``RmS`` is one decoder block at R whose input is the state at resolution S upsampled (mixin).
+    ``RmS`` is one decoder block at R whose input is the state at resolution S upsampled (mixin);
+    ``RsN`` is N more decoder blocks at R that read the encoder skip of the block before them (``--enc_skips
+    every``, see ``skip_slots``).
     Plain ``R`` is a single block. The arg is the down rate or mixin resolution, else None.
     """
     layers: list[tuple[int, int | None]] = []
@@ -44,13 +46,49 @@ def parse_layer_string(spec: str) -> list[tuple[int, int | None]]:
         if not match:
             raise ValueError(f"bad block spec item {item!r} in {spec!r}: expected R, RxN, RdK or RmS")
         res, op, num = int(match.group(1)), match.group(2), match.group(3)
-        if op == "x":
+        if op in ("x", "s"):
             layers += [(res, None)] * int(num)
         elif op in ("m", "d"):
             layers.append((res, int(num)))
         else:
             layers.append((res, None))
     return layers
+
+
+def skip_slots(spec: str) -> list[int]:
+    """For each block of a decoder spec, the number of the encoder skip it reads among its resolution's, counted
+    from the first decoder block at that resolution: each block reads a skip of its own but those of an ``RsN``
+    item, which read the skip of the block before them (Efficient-VDVAE's down_n_blocks_per_res: extra blocks of a
+    level). Under ``--enc_skips every``, slot k at resolution R reads the k-th encoder block at R from the last.
+    An ``RsN`` with no block before it at R is a ValueError."""
+    slots: list[int] = []
+    count: dict[int, int] = {}
+    for item in spec.split(","):
+        match = _SPEC_ITEM.match(item.strip())
+        res, op, num = int(match.group(1)), match.group(2), match.group(3)
+        if op == "s":
+            if res not in count:
+                raise ValueError(f"{item!r} in {spec!r}: RsN repeats the skip of a block before it at {res}x{res}, "
+                                 "and there is none")
+            slots += [count[res] - 1] * int(num)
+            continue
+        for _ in range(int(num) if op == "x" else 1):
+            slots.append(count.get(res, 0))
+            count[res] = count.get(res, 0) + 1
+    return slots
+
+
+def parse_resolution_map(text: str, kind: type = int) -> dict[int, Any]:
+    """``'32:256,16:384'`` -> {32: 256, 16: 384} (``kind`` the type of the values); a malformed item is a
+    ValueError."""
+    mapping: dict[int, Any] = {}
+    for item in text.split(",") if text else []:
+        try:
+            res, value = item.split(":")
+            mapping[int(res)] = kind(value)
+        except ValueError:
+            raise ValueError(f"bad item {item!r} in {text!r}: expected RESOLUTION:VALUE") from None
+    return mapping
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,6 +135,20 @@ class Hyperparams:
     dec_blocks: str = _f("1x1,4m1,4x2,8m4,8x5,16m8,16x10,32m16,32x21", "decoder block spec (RxN, RmS)", model=True)
     zdim: int = _f(16, "latent channels per decoder block", model=True)
     bottleneck_multiple: float = _f(0.25, "bottleneck width of a block as a fraction of its width", model=True)
+    custom_bottleneck_str: str = _f("", "per-resolution bottleneck multiples, e.g. '32:1.0,16:0.5' (empty: "
+                                    "--bottleneck_multiple everywhere)", model=True)
+    input_kernel: int = _f(3, "kernel size of the vdvae's input convolution (openai/vdvae 3, Efficient-VDVAE 1)",
+                           model=True)
+    enc_skips: str = _f("last", "which encoder activation each vdvae decoder block reads: last (openai/vdvae: the "
+                        "last block's at its resolution) or every (Efficient-VDVAE: a skip from every encoder block, "
+                        "the decoder's blocks at a resolution taking the encoder's in reverse order; a decoder item "
+                        "RsN is N blocks that read one skip; see README, Efficient-VDVAE)", model=True)
+    latent_std: str = _f("exp", "the vdvae's latent standard deviations from their network outputs: exp (openai/vdvae, "
+                         "the outputs are log sigma) or softplus (Efficient-VDVAE's gradient smoothing: sigma = "
+                         "softplus(ln2 x) / ln2, 1 at x = 0 as exp, but linear rather than exponential in large x)",
+                         model=True)
+    dmol_scale: str = _f("exp", "the DMOL's logistic scales from their network outputs: exp or softplus (as "
+                         "--latent_std)", model=True)
     num_mixtures: int = _f(10, "logistic components of the output distribution", model=True)
     no_bias_above: int = _f(64, "learned initial decoder states only for resolutions up to this", model=True)
     conv_width: int = _f(64, "cvae/vlae/vqvae: channels of the conv encoder's first stage (doubling at each "
@@ -111,12 +163,27 @@ class Hyperparams:
     prior_layers: int = _f(12, "vqvae: gated residual blocks of the PixelCNN prior", model=True)
     prior_dropout: float = _f(0.0, "vqvae: dropout on the residual branch of each gated block of the prior")
     # optimisation
-    lr: float = _f(2e-4, "peak learning rate of AdamW")
-    wd: float = _f(0.01, "AdamW weight decay")
-    adam_beta1: float = _f(0.9, "AdamW beta1")
-    adam_beta2: float = _f(0.9, "AdamW beta2")
+    optimizer: str = _f("adamw", "adamw (openai/vdvae) or adamax (Efficient-VDVAE; its weight decay decoupled as "
+                        "AdamW's); both skip an update on the device")
+    lr: float = _f(2e-4, "peak learning rate")
+    wd: float = _f(0.01, "weight decay, decoupled from the gradient as in AdamW")
+    adam_beta1: float = _f(0.9, "beta1 of AdamW or Adamax")
+    adam_beta2: float = _f(0.9, "beta2 of AdamW or Adamax")
     warmup_iters: int = _f(100, "steps of linear learning-rate warm-up")
-    lr_decay: str = _f("none", "learning-rate decay after warm-up: none or cosine (to 0 at max_steps)")
+    lr_decay: str = _f("none", "learning-rate decay after warm-up: none or cosine (from --lr_decay_start over "
+                       "--lr_decay_steps, down to --lr_min)")
+    lr_decay_start: int = _f(0, "with --lr_decay cosine: the step the decay starts at (0: the end of warm-up)")
+    lr_decay_steps: int = _f(0, "with --lr_decay cosine: the steps it lasts (0: until the stage's last step)")
+    lr_min: float = _f(0.0, "with --lr_decay cosine: the learning rate it ends at")
+    kl_warmup_steps: int = _f(0, "KL warm-up (Efficient-VDVAE's, after NVAE): the KL term of the training loss is "
+                              "weighted by beta = clip((step - start) / (start + steps), 1e-4, 1), with steps this "
+                              "and start --kl_warmup_start (their formula: beta reaches 1 at step 2 start + steps); "
+                              "reported losses stay the ELBO (0: no warm-up)")
+    kl_warmup_start: int = _f(0, "with --kl_warmup_steps: the step the KL warm-up starts at")
+    kl_balance_steps: int = _f(0, "for the first this many steps weight each latent group's KL in the training loss "
+                               "by NVAE's balancing coefficient, the number of groups times its share of the KL per "
+                               "latent dimension (no gradient through it), so that no group collapses early; "
+                               "reported losses stay the ELBO (0: never)")
     grad_clip: float = _f(200.0, "clip the gradient norm (of the loss in nats/dim) to this")
     skip_threshold: float | str = _f("auto", "skip updates whose gradient norm reaches this: a number, -1 (never "
                                      "skip) or auto (skip an outlier against the recent norms: above their running "
@@ -131,6 +198,7 @@ class Hyperparams:
     grad_accum: int = _f(1, "forward/backward passes whose gradients are summed into one update (gradients are "
                          "synced across devices only on the last): global batch = n_batch x devices x grad_accum")
     augment_shift: int = _f(0, "random translation by up to this many pixels as augmentation (0: none)")
+    augment_flip: bool = _f(False, "mirror each training image left to right with probability 1/2")
     label_dropout: float = _f(0.0, "train on the null label (no class: an all-zero class vector) in place of each "
                               "image's class with this probability, so that one model is conditional and "
                               "unconditional: sample.py --classes none and --guidance W need it (0: never)",
@@ -216,6 +284,8 @@ class Hyperparams:
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 GRAD_CHECKPOINTS = ("auto", "none", "gelu", "blocks")
+OPTIMIZERS = ("adamw", "adamax")  # optimizers.make_optimizer builds each
+STD_PARAMS = ("exp", "softplus")  # vae_helpers.log_std_of computes each
 MODELS = ("vdvae", "cvae", "vlae", "vqvae")  # the model families (the registry builds each)
 # what each family trains in turn, each stage with its own optimiser (the registry checks the families agree)
 FAMILY_STAGES = {"vdvae": ("model",), "cvae": ("model",), "vlae": ("model",), "vqvae": ("autoencoder", "prior")}
@@ -374,6 +444,91 @@ PRESETS: dict[str, dict[str, Any]] = {
                    "1024m512",
         lr=7e-5, grad_clip=360.0, skip_threshold="auto", skip_threshold_start=500.0,
         n_batch_eval=1,
+    ),
+    # Efficient-VDVAE's CIFAR-10 recipe (Hazami, Mama and Thurairatnam 2022; github Rayhane-mamah/Efficient-VDVAE,
+    # egs/cifar10_baseline.cfg, their "C2"), on this project's blocks: their paper reports 2.87 bits/dim, not yet
+    # reproduced here. Where this differs from their code: README, Efficient-VDVAE.
+    "cifar10_efficient": dict(
+        base="cifar10",
+        # [data] random_horizontal_flip = True; pixels scaled to [-1, 1], (x - 127.5) / 127.5 (their data loaders)
+        augment_flip=True, data_shift=-127.5, data_scale=1.0 / 127.5,
+        # [model] input_kernel_size = (1, 1); up_filters = down_filters = [384] * 33; mid_filters_ratio 0.25
+        input_kernel=1, width=384, bottleneck_multiple=0.25,
+        # up_strides = [1] * 11 + [2] + [1] * 6 + [2] + [1] * 6 + [2] + [1] * 3 + [4] + [1] * 3
+        enc_blocks="32x11,32d2,16x6,16d2,8x6,8d2,4x3,4d4,1x3",
+        # down_strides (mirrored) with down_n_blocks_per_res: 4 extra blocks on the second 16x16 level and 10 on
+        # the second 32x32 one, which read that level's skip (RsN); up_n_blocks_per_res = [0] * 33: a skip from
+        # every bottom-up block
+        dec_blocks="1x3,4m1,4x3,8m4,8x6,16m8,16,16s4,16x5,32m16,32,32s10,32x10", enc_skips="every",
+        zdim=32,  # down_latent_variates = [32] * 33
+        # distribution_base = 'std', gradient_smoothing_beta = 0.6931472 (latents); output_distribution_base = 'std'
+        latent_std="softplus", dmol_scale="softplus", num_mixtures=10,  # num_output_mixtures = 10
+        # [optimizer] type = 'Adamax', learning_rate = 1e-3, beta1 = 0.9, beta2 = 0.999; warmup_steps = 100;
+        # learning_rate_scheme = 'cosine', decay_start = 50000, decay_steps = 750000, min_learning_rate = 2e-4
+        optimizer="adamax", lr=1e-3, adam_beta1=0.9, adam_beta2=0.999, warmup_iters=100, lr_decay="cosine",
+        lr_decay_start=50_000, lr_decay_steps=750_000, lr_min=2e-4,
+        # [loss] use_weight_decay = True, l2_weight = 1e-2: their JAX code's decoupled decay scaled by the rate (their
+        # PyTorch code applies none); theirs spares biases and projections, this decays every parameter as AdamW does
+        wd=1e-2,
+        # clip_gradient_norm = False; gradient_skip = True, gradient_skip_threshold = 800.
+        grad_clip=0.0, skip_threshold=800.0,
+        # variation_schedule = 'Linear', vae_beta_anneal_start = 21, vae_beta_anneal_steps = 5000; use_gamma_schedule =
+        # True, gamma_max_steps = 10000 (NVAE's KL balancing)
+        kl_warmup_start=21, kl_warmup_steps=5000, kl_balance_steps=10_000,
+        ema_rate=0.9999,  # ema_decay = 0.9999
+        # [train] batch_size = 32, global over num_gpus = 2: 32 on one device (with torchrun over 2, --n_batch 16)
+        n_batch=32, max_steps=800_000,  # total_train_steps = 800000
+    ),
+    # egs/cifar10_C1.cfg ("incfilters"): narrow high resolutions with wide bottlenecks, on one GPU.
+    "cifar10_efficient_c1": dict(
+        base="cifar10_efficient",
+        # up_filters = [48] * 11 + [96] * 7 + [192] * 7 + [384] * 8 (widths change at each pooling block);
+        # input_conv_filters = 48
+        width=48, custom_width_str="16:96,8:192,4:384,1:384",
+        # up_mid_filters_ratio = [1.] * 12 + [0.5] * 7 + [0.25] * 14
+        bottleneck_multiple=0.25, custom_bottleneck_str="32:1.0,16:0.5",
+        zdim=16,  # down_latent_variates = [16] * 33
+        n_batch=32,  # batch_size = 32, num_gpus = 1
+    ),
+    # egs/imagenet32_baseline.cfg, class-conditional over ImageNet's 1,000 classes as the imagenet32 preset; their
+    # paper reports 3.58 bits/dim, not yet reproduced here.
+    "imagenet32_efficient": dict(
+        base="cifar10_efficient", dataset="imagenet32", n_classes=1000,
+        width=512,  # up_filters = down_filters = [512] * 48
+        # up_strides = [1] * 15 + [2] + [1] * 9 + [2] + [1] * 8 + [2] + [1] * 6 + [4] + [1] * 6
+        enc_blocks="32x15,32d2,16x9,16d2,8x8,8d2,4x6,4d4,1x6",
+        # down_n_blocks_per_res: 10 extra blocks on the first 8x8 level, 15 on the first 16x16 one
+        dec_blocks="1x6,4m1,4x6,8m4,8s10,8x8,16m8,16s15,16x9,32m16,32x15",
+        zdim=32,  # down_latent_variates = [32] * 48
+        wd=0.0,  # use_weight_decay = False
+        n_batch=64,  # batch_size = 64, global over num_gpus = 2
+    ),
+    # egs/imagenet32_C1.cfg
+    "imagenet32_efficient_c1": dict(
+        base="imagenet32_efficient",
+        # up_filters = [64] * 15 + [128] * 10 + [256] * 9 + [512] * 7 + [512] * 7; input_conv_filters = 64
+        width=64, custom_width_str="16:128,8:256,4:512,1:512",
+        custom_bottleneck_str="32:1.0,16:0.5",  # up_mid_filters_ratio = [1.] * 16 + [0.5] * 10 + [0.25] * 22
+        zdim=48,  # down_latent_variates = [48] * 48
+        dmol_scale="exp",  # output_distribution_base = 'logstd' (latents stay 'std')
+    ),
+    # egs/imagenet64_baseline.cfg; their paper reports 3.30 bits/dim, not yet reproduced here.
+    "imagenet64_efficient": dict(
+        base="imagenet32_efficient", dataset="imagenet64",
+        # up_strides = [1] * 4 + [2] + [1] * 15 + [2] + [1] * 9 + [2] + [1] * 8 + [2] + [1] * 6 + [4] + [1] * 6
+        enc_blocks="64x4,64d2,32x15,32d2,16x9,16d2,8x8,8d2,4x6,4d4,1x6",
+        # down_n_blocks_per_res: 10 extra blocks on the first 8x8 level, 15 on the first 16x16, 6 on the first 64x64
+        dec_blocks="1x6,4m1,4x6,8m4,8s10,8x8,16m8,16s15,16x9,32m16,32x15,64m32,64s6,64x4",
+        n_batch=32, n_batch_eval=32,  # batch_size = 32, global over num_gpus = 4
+    ),
+    # egs/imagenet64_C1.cfg
+    "imagenet64_efficient_c1": dict(
+        base="imagenet64_efficient",
+        # up_filters = [64] * 4 + [64] * 16 + [256] * 10 + [256] * 9 + [512] * 14; input_conv_filters = 64
+        width=64, custom_width_str="32:64,16:256,8:256,4:512,1:512",
+        custom_bottleneck_str="64:1.0,32:0.5",  # up_mid_filters_ratio = [1.] * 5 + [0.5] * 16 + [0.25] * 32
+        zdim=64,  # down_latent_variates = [64] * 53
+        dmol_scale="exp",  # output_distribution_base = 'logstd'
     ),
     # Any image folder (--data_root): classes from its sub-folders (or none), images centre-cropped and resized
     # to the size the decoder ends at (64 here: change --enc_blocks/--dec_blocks for another size).
@@ -602,7 +757,8 @@ def validate(h: Hyperparams) -> None:
     if h.skip_threshold_start <= 0 and h.skip_threshold_start != -1:
         raise UserError(f"--skip_threshold_start must be > 0, or -1 for none, got {h.skip_threshold_start}")
     for name in ["max_steps", "prior_steps", "prior_lr", "commitment_beta", "vq_downsample", "eval_every",
-                 "warmup_iters", "wd", "augment_shift", "grad_clip", "memory_budget",
+                 "warmup_iters", "wd", "augment_shift", "grad_clip", "memory_budget", "lr_decay_start",
+                 "lr_decay_steps", "lr_min", "kl_warmup_steps", "kl_warmup_start", "kl_balance_steps",
                  "keep_every", "keep_last", "skip_limit", "track_latents"]:
         if getattr(h, name) < 0:
             raise UserError(f"--{name} must be >= 0, got {getattr(h, name)}")
@@ -619,10 +775,22 @@ def validate(h: Hyperparams) -> None:
                           ("grad_checkpoint", GRAD_CHECKPOINTS)]:
         if getattr(h, name) not in choices:
             raise UserError(f"--{name} must be one of {', '.join(choices)}, got {getattr(h, name)!r}")
+    for name, choices in [("optimizer", OPTIMIZERS), ("enc_skips", ("last", "every")),
+                          ("latent_std", STD_PARAMS), ("dmol_scale", STD_PARAMS)]:
+        if getattr(h, name) not in choices:
+            raise UserError(f"--{name} must be one of {', '.join(choices)}, got {getattr(h, name)!r}")
+    if h.input_kernel not in (1, 3):
+        raise UserError(f"--input_kernel must be 1 or 3, got {h.input_kernel}")
+    vdvae_only = [f"--{name}" for name in ("custom_bottleneck_str", "input_kernel", "enc_skips", "latent_std")
+                  if getattr(h, name) != getattr(Hyperparams, name)]
+    if vdvae_only and h.model != "vdvae":
+        raise UserError(f"{', '.join(vdvae_only)} shape the vdvae's blocks and latents, not the {h.model}'s")
+    if (h.kl_warmup_steps or h.kl_balance_steps) and h.model == "vqvae":
+        raise UserError("--kl_warmup_steps and --kl_balance_steps weight a KL term: the vqvae has none")
     if h.lr_decay not in ("none", "cosine"):
         raise UserError(f"--lr_decay must be none or cosine, got {h.lr_decay!r}")
-    if h.lr_decay == "cosine" and h.max_steps == 0:
-        raise UserError("--lr_decay cosine needs --max_steps > 0 (it decays to zero at max_steps)")
+    if h.lr_decay == "cosine" and h.max_steps == 0 and h.lr_decay_steps == 0:
+        raise UserError("--lr_decay cosine needs --max_steps > 0 or --lr_decay_steps (it decays until max_steps)")
     if h.data_scale == 0:
         raise UserError("--data_scale must be non-zero")
     for name in ["enc_blocks", "dec_blocks"]:
@@ -630,3 +798,34 @@ def validate(h: Hyperparams) -> None:
             parse_layer_string(getattr(h, name))
         except ValueError as err:
             raise UserError(f"--{name}: {err}") from None
+    if re.search(r"\ds\d", h.enc_blocks):
+        raise UserError("--enc_blocks: RsN (blocks that share a skip) is a decoder item")
+    for name, kind in [("custom_width_str", int), ("custom_bottleneck_str", float)]:
+        try:
+            values = parse_resolution_map(getattr(h, name), kind)
+        except ValueError as err:
+            raise UserError(f"--{name}: {err}") from None
+        if any(v <= 0 for v in values.values()):
+            raise UserError(f"--{name}: every value must be > 0, got {getattr(h, name)!r}")
+    try:
+        skip_slots(h.dec_blocks)
+    except ValueError as err:
+        raise UserError(f"--dec_blocks: {err}") from None
+    if h.enc_skips == "every":
+        check_every_skip_layout(h.enc_blocks, h.dec_blocks)
+
+
+def check_every_skip_layout(enc_blocks: str, dec_blocks: str) -> None:
+    """--enc_skips every: at each resolution the decoder reads as many skips (skip_slots) as the encoder has
+    blocks there, one each, else a one-line error that gives both counts."""
+    enc_count: dict[int, int] = {}
+    for res, _ in parse_layer_string(enc_blocks):
+        enc_count[res] = enc_count.get(res, 0) + 1
+    dec_slots: dict[int, int] = {}
+    for (res, _), slot in zip(parse_layer_string(dec_blocks), skip_slots(dec_blocks)):
+        dec_slots[res] = max(dec_slots.get(res, 0), slot + 1)
+    differ = [f"{r}x{r}: {dec_slots[r]} decoder skips, {enc_count.get(r, 0)} encoder blocks"
+              for r in sorted(dec_slots) if dec_slots[r] != enc_count.get(r, 0)]
+    if differ:
+        raise UserError("--enc_skips every needs one encoder block per decoder skip at each resolution (an RsN "
+                        f"item's blocks reuse the skip before them): {'; '.join(differ)}")

@@ -38,6 +38,7 @@ from typing import Any, Callable
 
 import torch
 
+from hps import GRAD_CHECKPOINTS
 from trainer import Trainer
 from utils import autocast, available_memory, seeded
 
@@ -170,6 +171,19 @@ def activation_bytes_per_image(H, mode: str) -> int:
     return sum(n for ptr, n in seen.items() if ptr not in parameters) // 2
 
 
+def activation_memory_line(H) -> str:
+    """The summary's line of the activation memory per training image under each --grad_checkpoint mode (the
+    run's own first), so that presets compare before any training: what autograd keeps for the backward pass, in
+    the model's own precision (fp32; about half of it under bf16 autocast), beside the parameters and optimiser
+    state, which do not grow with the batch."""
+    modes = [m for m in GRAD_CHECKPOINTS if m != "auto"]
+    chosen = H.grad_checkpoint if H.grad_checkpoint != "auto" else "none"
+    figures = {m: activation_bytes_per_image(H, m) / 1e6 for m in [chosen] + [m for m in modes if m != chosen]}
+    others = ", ".join(f"{m} {mb:.1f} MB" for m, mb in list(figures.items())[1:])
+    return (f"activation memory per image: {figures[chosen]:.1f} MB in fp32 with --grad_checkpoint {chosen} "
+            f"({others}); times --n_batch {H.n_batch} that is {figures[chosen] * H.n_batch / 1e3:.2f} GB per device")
+
+
 def memory_available(device: torch.device, budget_gb: float) -> int | None:
     """Bytes the run may use: ``--memory_budget``, else the device's free memory (None where unknown)."""
     if budget_gb > 0:
@@ -218,6 +232,10 @@ def cache_key(H, device: torch.device) -> str:
                                         "n_classes", "width", "custom_width_str",
                                         "enc_blocks", "dec_blocks", "zdim", "bottleneck_multiple", "num_mixtures",
                                         "likelihood", "n_batch", "compile", "memory_budget", *SPEED_FIELDS)}
+    # fields added since the cache began, in the key only where they differ from their default (older keys hold)
+    defaults = type(H)()
+    shape.update({k: getattr(H, k) for k in ("custom_bottleneck_str", "input_kernel", "enc_skips", "optimizer")
+                  if getattr(H, k) != getattr(defaults, k)})
     return json.dumps({"machine": machine_description(device), "torch": torch.__version__, "model": shape},
                       sort_keys=True)
 

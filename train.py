@@ -32,7 +32,7 @@ from images import crop_padding, save_grid
 from models import build_model, is_openai_checkpoint, model_summary, require_2d_latent
 from runlog import LatentTrajectory, NullLogger, RunLogger, read_metrics, tensorboard_writer
 from scoring import evaluate_elbo, kl_per_resolution
-from speed import choose_speed_settings
+from speed import activation_memory_line, choose_speed_settings
 from trainer import (RunState, SkipCounter, StageStart, StopSignal, Trainer, Window, auto_skip_limit,
                      check_same_model, checkpoint_dict, checkpoint_to_resume, load_compile_cache, plan_stages,
                      restore_run, save_compile_cache, stage_budget, start_after_stage)
@@ -44,7 +44,9 @@ from vae import count_parameters
 def main(argv: list[str]) -> None:
     H, args = parse_args(argv, __doc__)
     if getattr(args, "summary", False):  # the model's table and nothing else: no data, processes or run folder
-        print(model_summary(hparams_without_data(H)))
+        h = hparams_without_data(H)
+        print(model_summary(h))
+        print(activation_memory_line(h))
         return
     dist, device = init_distributed(H.device)  # torchrun: one process per device; else one process
     completed = False

@@ -21,9 +21,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import CHECKPOINT_FORMAT, load_checkpoint, load_newest_checkpoint
-from data import binarize, drop_labels, random_shift
+from data import binarize, drop_labels, random_flip, random_shift
 from hps import MODEL_FIELDS, Hyperparams
 from models import build_model, checkpoint_from_openai, is_openai_checkpoint
+from optimizers import make_optimizer, skips_on_device
 from utils import (Dist, UserError, autocast, device_rng_state, resolve_channels_last, resolve_precision,
                    saved_device_rng_state, set_device_rng_state)
 
@@ -34,6 +35,7 @@ AUTO_SKIP_HISTORY = 100  # norms seen before the outlier rule replaces --skip_th
 AUTO_SKIP_RATE = 0.01  # weight of a new norm once the history is full: a lasting change is absorbed in 100s of steps
 AUTO_SKIP_SIGMAS = 5.0  # an outlier lies this many running standard deviations above the running mean ...
 AUTO_SKIP_MIN_RATIO = 2.0  # ... and at least this many times the typical norm, however steady the norms were
+KL_WARMUP_MIN_BETA = 1e-4  # Efficient-VDVAE's vae_beta_min: the KL weight at the start of --kl_warmup_steps
 
 
 @dataclass
@@ -93,14 +95,37 @@ def stage_budget(H: Hyperparams, index: int) -> tuple[int, float, float]:
         return H.max_steps, H.lr, H.wd
     return H.prior_steps or H.max_steps, H.prior_lr or H.lr, H.wd if H.prior_wd == -1 else H.prior_wd
 
-def lr_factor(H: Hyperparams, step: int, steps: int) -> float:
-    """Linear warm-up to the peak rate, then constant (the paper) or cosine decay to 0 at the stage's ``steps``
-    (``step`` counts from the stage's start)."""
+def lr_factor(H: Hyperparams, step: int, steps: int, peak_lr: float) -> float:
+    """The learning rate at ``step`` (counted from the stage's start) as a fraction of ``peak_lr``: a linear warm-up
+    over --warmup_iters, then constant (openai/vdvae), or with --lr_decay cosine, constant until --lr_decay_start
+    (0: the end of warm-up) and then a half cosine over --lr_decay_steps (0: until the stage's ``steps``) from the
+    peak down to --lr_min, which it keeps after (Efficient-VDVAE's NarrowCosineDecay as their JAX code runs it)."""
     warm = min(1.0, step / H.warmup_iters) if H.warmup_iters > 0 else 1.0
-    if H.lr_decay == "cosine" and step > H.warmup_iters:
-        progress = min(1.0, (step - H.warmup_iters) / max(1, steps - H.warmup_iters))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    start = H.lr_decay_start or H.warmup_iters
+    if H.lr_decay == "cosine" and step > start:
+        progress = min(1.0, (step - start) / max(1, H.lr_decay_steps or steps - start))
+        floor = H.lr_min / peak_lr
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     return warm
+
+
+def kl_beta(H: Hyperparams, step: int) -> float:
+    """The weight of the KL term in the training loss at ``step``: 1, or under --kl_warmup_steps Efficient-VDVAE's
+    linear warm-up clip((step - start) / (start + steps), KL_WARMUP_MIN_BETA, 1) (their LinearBetaSchedule, whose
+    denominator counts the start too)."""
+    if H.kl_warmup_steps <= 0:
+        return 1.0
+    ramp = (step - H.kl_warmup_start) / (H.kl_warmup_start + H.kl_warmup_steps)
+    return min(1.0, max(KL_WARMUP_MIN_BETA, ramp))
+
+
+def kl_balance(kl_groups: torch.Tensor, latent_sizes: torch.Tensor) -> torch.Tensor:
+    """NVAE's KL balancing coefficients (Vahdat and Kautz 2020, appendix A), as Efficient-VDVAE uses them: with
+    a_i the batch's KL per latent dimension of group i, alpha_i = G a_i / sum_j a_j, so they average 1 and a group
+    that carries little KL gets a small weight and is not pushed to collapse while the others learn. No gradient
+    flows through them. ``kl_groups``: the batch's KL of each group (any unit), ``latent_sizes``: its dimensions."""
+    per_dim = kl_groups.detach().float() / latent_sizes
+    return len(per_dim) * per_dim / per_dim.sum().clamp_min(torch.finfo(torch.float32).tiny)
 
 @torch.no_grad()
 def ema_update(ema_params: list[torch.Tensor], params: list[torch.Tensor], rate: float) -> None:
@@ -152,15 +177,17 @@ class Trainer:
         # fused AdamW can skip an update on the device (found_inf), so a step needs no host round trip;
         # ``fused=False`` (bench/throughput.py's baseline) keeps the foreach implementation
         self.fused = device.type in ("cuda", "cpu") if fused is None else fused
-        self.optimizer = torch.optim.AdamW(self.trained, lr=stage_lr, weight_decay=stage_wd,
-                                           betas=(H.adam_beta1, H.adam_beta2), fused=self.fused or None)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           lambda step: lr_factor(H, step, self.stage_steps))
-        # persistent and changed in place, so that the fused step reads the same tensor every step (a captured
+        # persistent and changed in place, so that the optimiser reads the same tensor every step (a captured
         # graph needs that); 1 leaves weights, moments and step count untouched
         self.found_inf = torch.zeros((), device=device)
-        if self.fused:
-            self.optimizer.found_inf = self.found_inf
+        self.optimizer = make_optimizer(H.optimizer, self.trained, stage_lr, (H.adam_beta1, H.adam_beta2), stage_wd,
+                                        self.fused, self.found_inf)
+        self.skips_on_device = skips_on_device(self.optimizer)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(H, step, self.stage_steps, stage_lr))
+        # the training loss's KL weights (--kl_warmup_steps, --kl_balance_steps): the dimensions of each latent group
+        self.latent_sizes = torch.tensor([math.prod(s) for s in self.model.latent_shapes()], device=device,
+                                         dtype=torch.float32) if H.kl_balance_steps > 0 else None
         self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
         self.noise_index = torch.zeros((), dtype=torch.long, device=device)  # see _forward
         # --skip_threshold auto: count, mean and variance of the log gradient norm (see auto_skip)
@@ -185,8 +212,9 @@ class Trainer:
     def settings(self) -> str:
         precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + scaler"}
         compiled = (self.compile_mode or "default mode") if self.compiled else "off"
+        optimizer = f"fused AdamW {self.fused}" if self.H.optimizer == "adamw" else "Adamax"
         return (f"precision {precision[self.amp_dtype]}, channels_last {self.channels_last}, compile {compiled}, "
-                f"grad_checkpoint {self.H.grad_checkpoint}, fused AdamW {self.fused}")
+                f"grad_checkpoint {self.H.grad_checkpoint}, {optimizer}")
 
     def step(self, images: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """One update on the negative ELBO (nats/dim) from this rank's share of a global batch (``grad_accum``
@@ -209,12 +237,14 @@ class Trainer:
             # gradients sum locally over the passes; DDP averages them over ranks in the last backward only
             with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
                 x = random_shift(x, H.augment_shift, shard=shard)
+                if H.augment_flip:
+                    x = random_flip(x, shard=shard)
                 if H.likelihood == "bernoulli":  # dynamic binarization: a fresh draw of the pixels every step
                     x = binarize(x, shard=shard)
                 if H.label_dropout > 0:  # one model, conditional and unconditional (see data.drop_labels)
                     y = drop_labels(y, H.label_dropout, H.n_classes, shard=shard)
                 out = self._forward(x, y, shard)
-                loss = out["loss_nats"] / accum  # the mean over the global batch: equal-sized passes
+                loss = self.training_loss(out) / accum  # the mean over the global batch: equal-sized passes
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             if self.extra_metrics is None:  # every 0-dim output beyond the loss terms, in the family's order
                 self.extra_metrics = tuple(name for name, v in out.items() if name not in LOSS_KEYS and v.ndim == 0)
@@ -230,6 +260,19 @@ class Trainer:
         self.scheduler.step()
         self._ema_update(*self.ema_pairs, H.ema_rate)
         return skip, torch.cat([stats[:3], grad_norm.float()[None], stats[3:]])
+
+    def training_loss(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What the update descends, in nats/dim: the negative ELBO, or while --kl_warmup_steps or --kl_balance_steps
+        run, the reconstruction plus the KL of each latent group weighted by kl_beta and kl_balance. The step is
+        the stage's, a host integer: no device value is read."""
+        step = self.scheduler.last_epoch
+        beta = kl_beta(self.H, step)
+        balancing = step < self.H.kl_balance_steps
+        if beta == 1.0 and not balancing:
+            return out["loss_nats"]
+        kl_groups = out["kl_groups"].float()  # bits/dim, batch means
+        weights = kl_balance(kl_groups, self.latent_sizes) if balancing else torch.ones_like(kl_groups)
+        return math.log(2.0) * (out["recon"].float() + beta * (weights * kl_groups).sum())
 
     def clip_and_decide(self, bad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Clip the gradient to ``grad_clip`` and decide on the device whether the update is skipped: a loss that is
@@ -267,7 +310,7 @@ class Trainer:
             if not skip.item():
                 self.scaler.step(self.optimizer)
             self.scaler.update()
-        elif self.fused:
+        elif self.skips_on_device:
             self.found_inf.copy_(skip)
             self.optimizer.step()
         elif not skip.item():

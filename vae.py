@@ -20,11 +20,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from family import Family
-from hps import Hyperparams, parse_layer_string
+from hps import Hyperparams, parse_layer_string, skip_slots
 from vae_helpers import (Block, bernoulli_log_prob, bernoulli_sample, discretized_gaussian_log_prob, elbo_report,
                          discretized_gaussian_sample, dmol_log_prob, dmol_sample, draw_gaussian_diag_samples,
-                         gaussian_analytical_kl, gaussian_log_prob, get_conv, get_width_settings, guided_gaussian,
-                         label_weights, likelihood_param_count, without_autocast)
+                         gaussian_analytical_kl, gaussian_log_prob, get_bottleneck_settings, get_conv,
+                         get_width_settings, guided_gaussian, label_weights, likelihood_param_count, log_std_of,
+                         without_autocast)
 
 
 # Under --grad_checkpoint blocks, runs of this many consecutive blocks are recomputed together: half the
@@ -52,19 +53,25 @@ def group_blocks(starts_new: list[bool], size: int) -> list[list[int]]:
 
 
 class Encoder(nn.Module):
-    """Bottom-up residual network; returns its last activation at every resolution."""
+    """Bottom-up residual network. Returns, at every resolution, its last activation there (``--enc_skips last``,
+    openai/vdvae) or the list of every block's output there, before any pooling, in order (``every``,
+    Efficient-VDVAE's skip from every bottom-up block)."""
 
     def __init__(self, H: Hyperparams):
         super().__init__()
         self.checkpoint_blocks = H.grad_checkpoint == "blocks"
+        self.every_skip = H.enc_skips == "every"
         self.widths = get_width_settings(H.width, H.custom_width_str)
-        self.in_conv = get_conv(H.image_channels, H.width, 3)
+        bottlenecks = get_bottleneck_settings(H.bottleneck_multiple, H.custom_bottleneck_str)
+        self.in_conv = get_conv(H.image_channels, H.width, H.input_kernel)
         specs = parse_layer_string(H.enc_blocks)
         blocks = []
+        # --enc_skips every reads a pooling block's output before it pools: the encoder pools it, not the block
+        self.pool_rates = [d if self.every_skip else None for _, d in specs]
         for res, down_rate in specs:
             w = self.widths[res]
-            blocks.append(Block(w, int(w * H.bottleneck_multiple), w, down_rate=down_rate, residual=True,
-                                use_3x3=res > 2))
+            blocks.append(Block(w, int(w * bottlenecks[res]), w, down_rate=None if self.every_skip else down_rate,
+                                residual=True, use_3x3=res > 2))
         for block in blocks:  # residual branches start small so deep stacks begin near identity
             block.c4.weight.data *= math.sqrt(1.0 / len(specs))
         self.enc_blocks = nn.ModuleList(blocks)
@@ -73,21 +80,41 @@ class Encoder(nn.Module):
         self.segments = group_blocks([d or (i > 0 and down[i - 1]) for i, d in enumerate(down)],
                                      CHECKPOINT_SEGMENT if self.checkpoint_blocks else 1)
 
-    def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor] | dict[int, list[torch.Tensor]]:
         x = self.in_conv(x)
+        if self.every_skip:
+            skips: dict[int, list[torch.Tensor]] = {}
+            for segment in self.segments:
+                x, outputs = maybe_checkpointed(self._run_segment_every, self.checkpoint_blocks and self.training,
+                                                segment, x)
+                for out in outputs:
+                    skips.setdefault(out.shape[2], []).append(out)
+            return skips
         activations = {x.shape[2]: x}
         for segment in self.segments:
             x = maybe_checkpointed(self._run_segment, self.checkpoint_blocks and self.training, segment, x)
             activations[x.shape[2]] = x
         return activations
 
+    def _widen(self, x: torch.Tensor) -> torch.Tensor:
+        res = x.shape[2]
+        if x.shape[1] < self.widths[res]:  # custom widths: a narrower stage feeds a wider one
+            x = F.pad(x, (0, 0, 0, 0, 0, self.widths[res] - x.shape[1]))
+        return x
+
     def _run_segment(self, segment: list[int], x: torch.Tensor) -> torch.Tensor:
         for i in segment:
-            x = self.enc_blocks[i](x)
-            res = x.shape[2]
-            if x.shape[1] < self.widths[res]:  # custom widths: a narrower stage feeds a wider one
-                x = F.pad(x, (0, 0, 0, 0, 0, self.widths[res] - x.shape[1]))
+            x = self._widen(self.enc_blocks[i](x))
         return x
+
+    def _run_segment_every(self, segment: list[int], x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        outputs = []
+        for i in segment:
+            x = self.enc_blocks[i](x)
+            outputs.append(x)  # a pooling block's skip is taken before it pools, at its own resolution
+            if self.pool_rates[i] is not None:
+                x = self._widen(F.avg_pool2d(x, kernel_size=self.pool_rates[i], stride=self.pool_rates[i]))
+        return x, outputs
 
 
 class DecBlock(nn.Module):
@@ -102,8 +129,9 @@ class DecBlock(nn.Module):
         self.base = res
         self.mixin = mixin
         self.zdim = H.zdim
+        self.latent_std = H.latent_std  # how the log-sigmas come from the nets' outputs (vae_helpers.log_std_of)
         width = get_width_settings(H.width, H.custom_width_str)[res]
-        cond_width = int(width * H.bottleneck_multiple)
+        cond_width = int(width * get_bottleneck_settings(H.bottleneck_multiple, H.custom_bottleneck_str)[res])
         use_3x3 = res > 2
         self.enc = Block(width * 2, cond_width, H.zdim * 2, residual=False, use_3x3=use_3x3)
         self.prior = Block(width, cond_width, H.zdim * 2 + width, residual=False, use_3x3=use_3x3,
@@ -132,10 +160,12 @@ class DecBlock(nn.Module):
         """
         feats = self.prior(x)
         pm, plogs, xpp = feats[:, :self.zdim], feats[:, self.zdim:2 * self.zdim], feats[:, 2 * self.zdim:]
+        plogs = log_std_of(plogs, self.latent_std)
         stats = {}
         unit_plogs = plogs
         if acts is not None:
             qm, qlogs = self.enc([x, acts]).chunk(2, dim=1)  # reads cat([x, acts]) without storing it
+            qlogs = log_std_of(qlogs, self.latent_std)
             z = draw_gaussian_diag_samples(qm, qlogs, noise, self.noise_shard)
             stats["kl"] = gaussian_analytical_kl(qm, pm, qlogs, plogs)
             if log_ratio:
@@ -167,6 +197,7 @@ class OutputNet(nn.Module):
         super().__init__()
         self.kind, self.channels, self.levels = H.likelihood, H.image_channels, H.pixel_levels
         self.num_mixtures, self.fixed_std, self.pad = H.num_mixtures, H.gaussian_std, H.pad
+        self.dmol_scale = H.dmol_scale
         n_params = likelihood_param_count(H.likelihood, H.image_channels, H.num_mixtures, H.gaussian_std <= 0)
         self.out_conv = get_conv(H.width, n_params, 1)
 
@@ -187,7 +218,7 @@ class OutputNet(nn.Module):
         elif self.kind == "gaussian":
             log_prob = discretized_gaussian_log_prob(params, x, self.levels, self.fixed_std)
         else:
-            log_prob = dmol_log_prob(params, x, self.levels, self.num_mixtures)
+            log_prob = dmol_log_prob(params, x, self.levels, self.num_mixtures, self.dmol_scale)
         return -log_prob.sum(dim=(1, 2))
 
     def sample(self, px_z: torch.Tensor, shared_noise: bool = False) -> torch.Tensor:
@@ -198,7 +229,8 @@ class OutputNet(nn.Module):
         if self.kind == "gaussian":
             return discretized_gaussian_sample(params, self.channels, self.levels, self.fixed_std,
                                                shared_noise=shared_noise)
-        return dmol_sample(params, self.channels, self.levels, self.num_mixtures, shared_noise=shared_noise)
+        return dmol_sample(params, self.channels, self.levels, self.num_mixtures, shared_noise=shared_noise,
+                           scale=self.dmol_scale)
 
     def scored_dims(self, image_shape: Sequence[int]) -> float:
         """Dimensions the likelihood scores per image of shape (C, H, W) (bits/dim divides by these)."""
@@ -216,6 +248,8 @@ class Decoder(nn.Module):
         self.widths = get_width_settings(H.width, H.custom_width_str)
         specs = parse_layer_string(H.dec_blocks)
         self.dec_blocks = nn.ModuleList(DecBlock(H, res, mixin, n_blocks=len(specs)) for res, mixin in specs)
+        # --enc_skips every: the encoder skip each block reads, counted from its resolution's last (skip_slots)
+        self.skip_slots = skip_slots(H.dec_blocks) if H.enc_skips == "every" else None
         # a run of blocks shares one resolution and only its first block mixes in a coarser state
         starts = [m is not None or i == 0 or r != specs[i - 1][0] for i, (r, m) in enumerate(specs)]
         self.segments = group_blocks(starts, CHECKPOINT_SEGMENT if self.checkpoint_blocks else 1)
@@ -251,7 +285,8 @@ class Decoder(nn.Module):
             xs[self.stem_res] = emb.expand(-1, -1, self.stem_res, self.stem_res) if stem is None else stem + emb
         return xs
 
-    def forward(self, activations: dict[int, torch.Tensor] | None, labels: torch.Tensor | None,
+    def forward(self, activations: dict[int, torch.Tensor] | dict[int, list[torch.Tensor]] | None,
+                labels: torch.Tensor | None,
                 batch: int | None = None, n_posterior: int | None = None,
                 temperature: float | Sequence[float] = 1.0,
                 noises: Sequence[torch.Tensor | None] | None = None,
@@ -259,7 +294,7 @@ class Decoder(nn.Module):
                 guidance: float = 0.0) -> tuple[torch.Tensor, list[dict]]:
         """Run the decoder top-down.
 
-        Groups ``0..n_posterior-1`` draw from the posterior (all of them by default when ``activations`` is
+        ``activations``: the encoder's (Encoder.forward). Groups ``0..n_posterior-1`` draw from the posterior (all of them by default when ``activations`` is
         given), the rest from the prior at ``temperature`` (a float, or one per group). ``noises`` fixes the
         standard-normal noise of chosen groups. ``labels`` are class indices (B,), or (B, n_classes) weights
         that mix the class embeddings. ``guidance`` w > 0 (prior groups only): ``labels`` are the asked labels
@@ -268,7 +303,8 @@ class Decoder(nn.Module):
         """
         ref = self.gain  # device and dtype of zero initial states
         if batch is None:
-            batch = next(iter(activations.values())).shape[0] if activations else len(labels)
+            first = next(iter(activations.values())) if activations else None
+            batch = len(labels) if first is None else len(first[0] if isinstance(first, list) else first)
         if n_posterior is None:
             n_posterior = self.n_groups if activations is not None else 0
         # an isinstance check, which torch.compile traces (np.isscalar would break its graph)
@@ -287,7 +323,7 @@ class Decoder(nn.Module):
             if first.mixin is not None:
                 up = xs[first.mixin][:, :x.shape[1]]
                 x = x + F.interpolate(up, scale_factor=res // first.mixin)
-            acts = activations[res] if activations is not None else None
+            acts = self._skips(activations, segment)
             x, segment_stats = maybe_checkpointed(self._run_segment, self.checkpoint_blocks and self.training,
                                                   segment, x, acts, temps, noises, log_ratio, n_posterior,
                                                   prior_noise, guidance)
@@ -296,12 +332,22 @@ class Decoder(nn.Module):
         out = xs[self.image_size]
         return out * self.gain + self.bias, stats
 
-    def _run_segment(self, segment: list[int], x: torch.Tensor, acts: torch.Tensor | None, temps: list[float],
+    def _skips(self, activations, segment: list[int]) -> list[torch.Tensor | None]:
+        """The encoder activation each block of ``segment`` reads (None without an encoder pass)."""
+        if activations is None:
+            return [None] * len(segment)
+        res = self.dec_blocks[segment[0]].base
+        if self.skip_slots is None:
+            return [activations[res]] * len(segment)
+        at_res = activations[res]
+        return [at_res[len(at_res) - 1 - self.skip_slots[i]] for i in segment]
+
+    def _run_segment(self, segment: list[int], x: torch.Tensor, acts: list[torch.Tensor | None], temps: list[float],
                      noises, log_ratio: bool, n_posterior: int, prior_noise: bool = False,
                      guidance: float = 0.0) -> tuple[torch.Tensor, list[dict]]:
         stats = []
-        for i in segment:
-            x, block_stats = self.dec_blocks[i](x, acts if i < n_posterior else None, temps[i],
+        for j, i in enumerate(segment):
+            x, block_stats = self.dec_blocks[i](x, acts[j] if i < n_posterior else None, temps[i],
                                                 noises[i] if noises is not None else None, log_ratio, prior_noise,
                                                 guidance if i >= n_posterior else 0.0)
             stats.append(block_stats)

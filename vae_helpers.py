@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hps import Hyperparams
+from hps import Hyperparams, parse_resolution_map
 
 # ---------------------------------------------------------------------------------------------
 # Per-resolution widths
@@ -24,10 +24,15 @@ from hps import Hyperparams
 def get_width_settings(width: int, custom: str) -> dict[int, int]:
     """Width per resolution: ``width`` everywhere unless ``custom`` (e.g. ``512:32,256:64``) says otherwise."""
     mapping: dict[int, int] = defaultdict(lambda: width)
-    if custom:
-        for item in custom.split(","):
-            res, w = item.split(":")
-            mapping[int(res)] = int(w)
+    mapping.update(parse_resolution_map(custom, int))
+    return mapping
+
+
+def get_bottleneck_settings(multiple: float, custom: str) -> dict[int, float]:
+    """Bottleneck multiple per resolution: ``multiple`` everywhere unless ``custom`` (e.g. ``32:1.0,16:0.5``,
+    Efficient-VDVAE's narrow high resolutions with wide bottlenecks) says otherwise."""
+    mapping: dict[int, float] = defaultdict(lambda: multiple)
+    mapping.update(parse_resolution_map(custom, float))
     return mapping
 
 
@@ -162,6 +167,25 @@ def levels_to_uint8(H: "Hyperparams", levels: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+# Efficient-VDVAE's softplus standard deviations: sigma = softplus(beta x) / beta with beta = ln 2, so that sigma is 1
+# at x = 0 (as exp(x) is) while growing linearly, not exponentially, in large x: their "gradient smoothing"
+SOFTPLUS_BETA = math.log(2.0)
+_SOFTPLUS_LINEAR_BELOW = -20.0  # log(softplus(y)) = y + log(1 - e^y/2 + ...) equals y to float precision below this
+
+
+def log_std_of(raw: torch.Tensor, kind: str) -> torch.Tensor:
+    """The log standard deviation (or log scale) a network output ``raw`` stands for under ``kind``: exp (the output
+    is the log itself, openai/vdvae) or softplus (log(softplus(ln2 raw) / ln2), Efficient-VDVAE). Every density,
+    draw and KL then reads the log, so both parameterisations share one exact maths. The softplus branch is
+    computed stably: far below zero, where softplus underflows, its log is linear."""
+    if kind == "exp":
+        return raw
+    y = raw.float() * SOFTPLUS_BETA
+    # the clamp keeps the unused branch finite, so that torch.where's gradient is not 0 * inf there
+    log_softplus = torch.log(F.softplus(y.clamp(min=_SOFTPLUS_LINEAR_BELOW)))
+    return (torch.where(y < _SOFTPLUS_LINEAR_BELOW, y, log_softplus) - math.log(SOFTPLUS_BETA)).to(raw.dtype)
+
+
 def gaussian_analytical_kl(mu1: torch.Tensor, mu2: torch.Tensor, logsigma1: torch.Tensor,
                            logsigma2: torch.Tensor) -> torch.Tensor:
     """Elementwise KL( N(mu1, sigma1^2) || N(mu2, sigma2^2) ) in nats, computed in float32.
@@ -263,8 +287,9 @@ def _check_channels(channels: int) -> None:
         raise ValueError(f"DMOL supports 1 or 3 image channels, got {channels}")
 
 
-def _split_dmol_params(params: torch.Tensor, channels: int, num_mixtures: int):
-    """Split (B, P, H, W) output-conv activations into logits (B,M,H,W) and per-channel (B,C,M,H,W) parts."""
+def _split_dmol_params(params: torch.Tensor, channels: int, num_mixtures: int, scale: str = "exp"):
+    """Split (B, P, H, W) output-conv activations into logits (B,M,H,W) and per-channel (B,C,M,H,W) parts; the
+    log-scales through ``scale`` (log_std_of), floored at LOG_SCALE_MIN."""
     _check_channels(channels)
     b, _, h, w = params.shape
     m = num_mixtures
@@ -272,7 +297,7 @@ def _split_dmol_params(params: torch.Tensor, channels: int, num_mixtures: int):
     per_channel = 3 if channels == 3 else 2
     rest = params[:, m:].reshape(b, channels, per_channel, m, h, w)
     means = rest[:, :, 0]
-    log_scales = rest[:, :, 1].clamp(min=LOG_SCALE_MIN)
+    log_scales = log_std_of(rest[:, :, 1], scale).clamp(min=LOG_SCALE_MIN)
     coeffs = torch.tanh(rest[:, :, 2]) if channels == 3 else None
     return logits, means, log_scales, coeffs
 
@@ -288,14 +313,16 @@ def _channel_means(means: torch.Tensor, coeffs: torch.Tensor | None, x: torch.Te
     return torch.stack([m_r, m_g, m_b], dim=1)
 
 
-def dmol_log_prob(params: torch.Tensor, x: torch.Tensor, levels: int, num_mixtures: int) -> torch.Tensor:
+def dmol_log_prob(params: torch.Tensor, x: torch.Tensor, levels: int, num_mixtures: int,
+                  scale: str = "exp") -> torch.Tensor:
     """Log-probability in nats of each pixel (summed over channels): shape (B, H, W).
 
-    ``x`` holds values in [-1, 1] on the grid of ``levels`` levels, shape (B, C, H, W).
+    ``x`` holds values in [-1, 1] on the grid of ``levels`` levels, shape (B, C, H, W); ``scale``: how the
+    log-scales come from their parameters (log_std_of).
     """
     params, x = params.float(), x.float()
     channels = x.shape[1]
-    logits, means, log_scales, coeffs = _split_dmol_params(params, channels, num_mixtures)
+    logits, means, log_scales, coeffs = _split_dmol_params(params, channels, num_mixtures, scale)
     means = _channel_means(means, coeffs, x)
     half_bin = 1.0 / (levels - 1)
     centered = x.unsqueeze(2) - means
@@ -318,17 +345,18 @@ def dmol_log_prob(params: torch.Tensor, x: torch.Tensor, levels: int, num_mixtur
 
 
 def dmol_sample(params: torch.Tensor, channels: int, levels: int, num_mixtures: int,
-                generator: torch.Generator | None = None, shared_noise: bool = False) -> torch.Tensor:
+                generator: torch.Generator | None = None, shared_noise: bool = False,
+                scale: str = "exp") -> torch.Tensor:
     """Exact sample from the DMOL: integer levels 0..L-1 of shape (B, C, H, W).
 
     A mixture component is drawn per pixel, then each channel is drawn from its logistic and rounded to the
     nearest level (edge bins absorb the tails), conditioning later channels on the rounded values, which is
     exactly the distribution ``dmol_log_prob`` scores. ``shared_noise`` uses the same uniform draws for every
     image of the batch (each still an exact sample), so that images differ only where their parameters do:
-    interpolations and latent explorations then change smoothly.
+    interpolations and latent explorations then change smoothly. ``scale``: as for dmol_log_prob.
     """
     params = params.float()
-    logits, means, log_scales, coeffs = _split_dmol_params(params, channels, num_mixtures)
+    logits, means, log_scales, coeffs = _split_dmol_params(params, channels, num_mixtures, scale)
     b, m, h, w = logits.shape
     probs = torch.softmax(logits, dim=1)
     if shared_noise:  # inverse-CDF choice of the component from one uniform per pixel, shared by the batch

@@ -19,7 +19,8 @@ MODEL_SHAPING = {"model", "conv_width", "made_hidden", "codebook_size", "code_di
                  "prior_layers", "dataset", "image_size", "image_channels", "pixel_levels", "n_classes", "width",
                  "custom_width_str", "enc_blocks", "dec_blocks", "zdim", "bottleneck_multiple", "num_mixtures",
                  "no_bias_above", "likelihood", "gaussian_std", "data_shift", "data_scale", "vdvae_5bit", "pad",
-                 "multi_label", "label_dropout"}
+                 "multi_label", "label_dropout", "custom_bottleneck_str", "input_kernel", "enc_skips", "latent_std",
+                 "dmol_scale"}
 
 
 def test_presets_and_overrides():
@@ -174,6 +175,9 @@ def test_every_hyperparameter_is_read(tmp_path, monkeypatch):
     train.main(tiny_cli_args(tmp_path / "run", max_steps=7, restore=tmp_path / "run"))
     train.main(tiny_cli_args(None, max_steps=1))  # the default run folder reads the preset name
     train.main(tiny_cli_args(tmp_path / "auto", max_steps=1, skip_threshold="auto"))  # the outlier rule's start
+    # the schedule past warm-up and the KL warm-up's start (read only once they apply)
+    train.main(tiny_cli_args(tmp_path / "efficient", max_steps=3, warmup_iters=1, kl_warmup_steps=2,
+                             kl_balance_steps=1, optimizer="adamax"))
     # the families' own fields: read by the vlae (the cvae's encoder and decoder, and the flow prior's MADE)
     train.main(tiny_cli_args(tmp_path / "vlae", max_steps=1, model="vlae", conv_width=8, made_hidden=16))
     # and the vqvae's: its codebook, its prior and its second stage's budget

@@ -37,6 +37,15 @@ DATASETS = {
     "ffhq1024": (lambda root: write_pngs(root / "ffhq1024", 20, 24), 16, {"custom_width_str": ""}),
     "folder": (write_classes, 16, {}),
 }
+# the Efficient-VDVAE presets read a skip from every encoder block: tiny decoders with one skip per encoder block
+EVERY_SKIP_AT = {32: {"dec_blocks": "1x1,8m1,8s1,32m8,32"}, 64: {"dec_blocks": "1x1,8m1,64m8,64s1,64"}}
+for _name, (_write, _size) in {"cifar10_efficient": (DATASETS["cifar10"][0], 32),
+                               "cifar10_efficient_c1": (DATASETS["cifar10"][0], 32),
+                               "imagenet32_efficient": (DATASETS["imagenet32"][0], 32),
+                               "imagenet32_efficient_c1": (DATASETS["imagenet32"][0], 32),
+                               "imagenet64_efficient": (DATASETS["imagenet64"][0], 64),
+                               "imagenet64_efficient_c1": (DATASETS["imagenet64"][0], 64)}.items():
+    DATASETS[_name] = (_write, _size, {**TINY_AT[_size], **EVERY_SKIP_AT[_size], "n_batch": 2})
 
 
 def tiny_args(preset: str, root, run_dir, size: int, **overrides) -> list[str]:
@@ -68,8 +77,8 @@ def test_preset_trains_a_tiny_variant_on_its_file_format(preset, tmp_path, monke
     ckpt = torch.load(run_dir / "latest.pt", weights_only=True)
     hps = ckpt["hps"]
     assert hps["hps"] == preset and hps["image_size"] == size
-    expected_classes = {"celeba64": 40, "imagenet32": 1000, "imagenet64": 1000, "ffhq256": 0, "ffhq1024": 0,
-                        "folder": 2, "cifar100": 100}.get(preset, 10)
+    expected_classes = {"celeba64": 40, "ffhq256": 0, "ffhq1024": 0, "folder": 2,
+                        "cifar100": 100}.get(preset, 1000 if preset.startswith("imagenet") else 10)
     assert hps["n_classes"] == expected_classes and len(ckpt["class_names"]) == expected_classes
     assert hps["multi_label"] == (preset == "celeba64") and hps["pad"] == (2 if preset == "mnist" else 0)
 
