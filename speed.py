@@ -178,10 +178,10 @@ def activation_memory_line(H) -> str:
     state, which do not grow with the batch."""
     modes = [m for m in GRAD_CHECKPOINTS if m != "auto"]
     chosen = H.grad_checkpoint if H.grad_checkpoint != "auto" else "none"
-    figures = {m: activation_bytes_per_image(H, m) / 1e6 for m in [chosen] + [m for m in modes if m != chosen]}
+    figures = {m: activation_bytes_per_image(H, m) / 2**20 for m in [chosen] + [m for m in modes if m != chosen]}
     others = ", ".join(f"{m} {mb:.1f} MB" for m, mb in list(figures.items())[1:])
     return (f"activation memory per image: {figures[chosen]:.1f} MB in fp32 with --grad_checkpoint {chosen} "
-            f"({others}); times --n_batch {H.n_batch} that is {figures[chosen] * H.n_batch / 1e3:.2f} GB per device")
+            f"({others}); times --n_batch {H.n_batch} that is {figures[chosen] * H.n_batch / 2**10:.2f} GB per device")
 
 
 def memory_available(device: torch.device, budget_gb: float) -> int | None:

@@ -229,6 +229,19 @@ def section_throughput(c: Check) -> dict:
     return result
 
 
+def section_efficient(c: Check) -> dict:
+    """The Efficient-VDVAE presets beside cifar10 (measured in the throughput section): training and sampling img/s
+    and peak memory at their own batch of 32, eager fp32 and in the default mode (docs/efficient_vdvae.md)."""
+    P = c.P
+    result = {}
+    for preset in ("cifar10_efficient", "cifar10_efficient_c1"):
+        cmd = ["--hps", preset, "--device", c.args.device, "--n_batch", str(2 * P["n_batch"]), "--n_batch_sample",
+               P["sample_batches"].split(",")[0], "--steps", str(max(2, P["steps"] // 2)), "--warmup",
+               str(P["warmup"]), "--sample_reps", "2", "--modes", "eager_fp32,default", *P["arch"]]
+        result[preset] = last_json(c.python("bench/throughput.py", *cmd, timeout=240))
+    return result
+
+
 def section_parity(c: Check) -> dict:
     return c.worker("parity", timeout=180)
 
@@ -353,11 +366,11 @@ SECTIONS: list[tuple[str, Callable[[Check], dict], float]] = [  # name, function
     ("machine", section_machine, 10), ("profile", section_profile, 20), ("throughput", section_throughput, 60),
     ("batch_sweep", section_batch_sweep, 40), ("parity", section_parity, 30), ("digits", section_digits, 40),
     ("resume", section_resume, 40), ("torchrun", section_torchrun, 40), ("cuda_paths", section_cuda_paths, 30),
-    ("max_batch", section_max_batch, 40),
+    ("max_batch", section_max_batch, 40), ("efficient", section_efficient, 60),
 ]
 # each part is one command of at most 6 minutes (its --budget_s default), so that 15 minutes of a lent GPU hold both
 # with a rerun to spare; the first holds what no card has measured yet
-PARTS = {"part1": ("machine", "profile", "throughput", "batch_sweep"),
+PARTS = {"part1": ("machine", "profile", "throughput", "batch_sweep", "efficient"),
          # cuda_paths evaluates the checkpoint resume leaves
          "part2": ("parity", "digits", "resume", "torchrun", "cuda_paths", "max_batch")}
 

@@ -47,6 +47,9 @@ def test_the_gpu_check_runs_every_section_at_tiny_sizes_on_the_cpu(tmp_path):
         assert gpu_check.errors_in(result) == [], (name, result)
     P = gpu_check.plan(tiny=True)
 
+    for preset in ("cifar10_efficient", "cifar10_efficient_c1"):  # the Efficient-VDVAE presets, measured too
+        efficient = sections["efficient"][preset]
+        assert efficient["hps"] == preset and efficient["modes"]["default"]["train_img_s"] > 0
     modes = sections["throughput"]["modes"]
     for mode in ("eager_fp32", "default"):
         assert modes[mode]["train_img_s"] > 0 and set(modes[mode]["sample_img_s_by_batch"]) == {"4", "8"}
@@ -106,7 +109,8 @@ def test_a_part_names_its_sections_in_order(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     sections = json.loads((out / "summary.json").read_text())["sections"]
-    assert list(sections) == list(gpu_check.PARTS["part1"]) == ["machine", "profile", "throughput", "batch_sweep"]
+    assert list(sections) == list(gpu_check.PARTS["part1"]) == ["machine", "profile", "throughput", "batch_sweep",
+                                                                "efficient"]
     assert all("skipped" in s for s in sections.values())
     bad = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--tiny", "--out", str(tmp_path / "b"),
                           "--sections", "part9"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
