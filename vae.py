@@ -297,9 +297,10 @@ class Decoder(nn.Module):
         ``activations``: the encoder's (Encoder.forward). Groups ``0..n_posterior-1`` draw from the posterior
         (all of them by default when ``activations`` is given), the rest from the prior at ``temperature`` (a
         float, or one per group). ``noises`` fixes the standard-normal noise of chosen groups. ``labels`` are
-        class indices (B,), or (B, n_classes) weights that mix the class embeddings. ``guidance`` w > 0 (prior groups only): ``labels`` are the asked labels
-        then as many null labels, ``batch`` counts both halves, and every group draws from the guided prior
-        (see DecBlock). Returns the output features and per-group stats (see DecBlock).
+        class indices (B,), or (B, n_classes) weights that mix the class embeddings. ``guidance`` w > 0 (prior
+        groups only): ``labels`` are the asked labels, then as many null labels, ``batch`` counts both halves,
+        and every group draws from the guided prior (see DecBlock). Returns the output features and per-group
+        stats (see DecBlock).
         """
         ref = self.gain  # device and dtype of zero initial states
         if batch is None:
