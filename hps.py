@@ -193,7 +193,8 @@ class Hyperparams:
                                      "--skip_threshold_start until 100 norms have been seen)")
     skip_threshold_start: float = _f(400.0, "with --skip_threshold auto: the fixed threshold of the first 100 "
                                      "updates, the preset's former fixed threshold (-1: none)")
-    ema_rate: float = _f(0.9999, "exponential moving average rate of the weights used to evaluate and sample")
+    ema_rate: float = _f(0.9999, "exponential moving average rate of the weights used to evaluate and "
+                                  "sample; its decay warms up as min(rate, (1 + t) / (10 + t)) over the updates t")
     n_batch: int = _f(16, "training images per forward pass (per device)")
     grad_accum: int = _f(1, "forward/backward passes whose gradients are summed into one update (gradients are "
                          "synced across devices only on the last): global batch = n_batch x devices x grad_accum")

@@ -36,6 +36,7 @@ AUTO_SKIP_RATE = 0.01  # weight of a new norm once the history is full: a lastin
 AUTO_SKIP_SIGMAS = 5.0  # an outlier lies this many running standard deviations above the running mean ...
 AUTO_SKIP_MIN_RATIO = 2.0  # ... and at least this many times the typical norm, however steady the norms were
 KL_WARMUP_MIN_BETA = 1e-4  # Efficient-VDVAE's vae_beta_min: the KL weight at the start of --kl_warmup_steps
+EMA_WARMUP = 10  # the EMA's decay at update t is min(--ema_rate, (1 + t) / (EMA_WARMUP + t)): see ema_decay
 
 
 @dataclass
@@ -62,8 +63,11 @@ def auto_skip(statistic: torch.Tensor, grad_norm: torch.Tensor, start: float) ->
     more than AUTO_SKIP_SIGMAS running standard deviations (and a factor AUTO_SKIP_MIN_RATIO) above the running mean,
     both of the log norm; before AUTO_SKIP_HISTORY norms are known, the fixed ``start`` decides (-1: nothing).
     ``statistic`` (count, mean, variance of the log norm) then takes in the norm if it is finite, skipped or not,
-    with weight 1/n at first (the exact mean and variance) and AUTO_SKIP_RATE once the history is full: a lone spike
-    barely moves it, a lasting rise carries it along. Updated in place; nothing waits for the host."""
+    with weight 1/n at first (the exact mean and variance) and AUTO_SKIP_RATE once the history is full. Once warm,
+    a norm enters winsorised at the threshold: a spike of any size counts as a norm just at the threshold, so it
+    cannot widen the spread and disarm the rule for the burst that often follows it, while a lasting rise, entering
+    at the threshold step after step, still widens the spread until the new level is typical (a few dozen steps).
+    Updated in place; nothing waits for the host."""
     count, mean, var = statistic[0], statistic[1], statistic[2]
     log_norm = torch.log(grad_norm.float().clamp_min(torch.finfo(torch.float32).tiny))
     warm = count >= AUTO_SKIP_HISTORY
@@ -72,7 +76,7 @@ def auto_skip(statistic: torch.Tensor, grad_norm: torch.Tensor, start: float) ->
     if start > 0:
         outlier = outlier | (~warm & (grad_norm >= start))
     rate = torch.clamp(1.0 / (count + 1.0), min=AUTO_SKIP_RATE)
-    delta = log_norm - mean
+    delta = torch.where(warm, torch.minimum(log_norm, mean + margin), log_norm) - mean
     updated = torch.stack([count + 1.0, mean + rate * delta, (1.0 - rate) * (var + rate * delta * delta)])
     statistic.copy_(torch.where(torch.isfinite(grad_norm), updated, statistic))
     return outlier
@@ -127,9 +131,24 @@ def kl_balance(kl_groups: torch.Tensor, latent_sizes: torch.Tensor) -> torch.Ten
     per_dim = kl_groups.detach().float() / latent_sizes
     return len(per_dim) * per_dim / per_dim.sum().clamp_min(torch.finfo(torch.float32).tiny)
 
+def ema_decay(rate: float, step: int) -> float:
+    """The EMA's decay at the stage's update ``step`` (from 0): --ema_rate, lowered at first to (1 + t) / (10 + t)
+    as TensorFlow's ExponentialMovingAverage does with num_updates. Without the warm-up the EMA starts as a copy of
+    the initial weights and keeps rate**t of them: 11% after 2,217 updates at 0.999, which made a short run's EMA
+    much worse than its raw weights. With it the EMA averages roughly the last tenth of the updates until that
+    window reaches 1 / (1 - rate) updates."""
+    return min(rate, (1.0 + step) / (EMA_WARMUP + step))
+
+
 @torch.no_grad()
-def ema_update(ema_params: list[torch.Tensor], params: list[torch.Tensor], rate: float) -> None:
-    torch._foreach_lerp_(ema_params, params, 1.0 - rate)
+def ema_update(ema_params: list[torch.Tensor], params: list[torch.Tensor], weight: torch.Tensor | float) -> None:
+    """ema += weight * (params - ema), tensor by tensor; ``weight`` is 1 - decay, or 0 for a skipped update (a 0-dim
+    device tensor, so that the skip needs no host round trip and a compiled update serves every step). Not
+    ``_foreach_lerp_``: it reads a tensor weight back to the host, and its per-tensor form leaves the multi-tensor
+    kernels for a weight broadcast to each shape."""
+    change = torch._foreach_sub(params, ema_params)
+    torch._foreach_mul_(change, weight)
+    torch._foreach_add_(ema_params, change)
 
 class Trainer:
     """What one training stage updates: the model, its EMA copy, AdamW over the stage's parameters and its schedule,
@@ -219,8 +238,9 @@ class Trainer:
     def step(self, images: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """One update on the negative ELBO (nats/dim) from this rank's share of a global batch (``grad_accum``
         passes of ``n_batch`` images, as epoch_batches yields it), skipped when a loss or the gradient is not
-        finite or the gradient norm reaches ``skip_threshold`` (with auto: is an outlier, see auto_skip); the
-        schedule and the EMA advance either way, as in openai/vdvae. Returns device tensors: skipped (bool) and the
+        finite or the gradient norm reaches ``skip_threshold`` (with auto: is an outlier, see auto_skip). A skipped
+        update leaves the weights, the optimiser's state and the EMA as they were, and the schedule advances either
+        way, as in openai/vdvae (whose EMA moves only with a taken update). Returns device tensors: skipped (bool) and the
         figures ``metric_names`` names (loss, recon, kl in bits/dim, grad norm, then the family's own scalars, such
         as the vqvae's codebook perplexity)."""
         H, accum = self.H, self.H.grad_accum
@@ -257,8 +277,10 @@ class Trainer:
         bad_loss = self.dist.all_reduce((~torch.isfinite(stats[0])).float(), op="max") > 0
         skip, grad_norm = self._clip_and_decide(bad_loss)
         self._update(skip)
+        # the decay comes from the host's step count, the skip from the device: a 0-dim weight, no round trip
+        ema_weight = (~skip).float() * (1.0 - ema_decay(H.ema_rate, self.scheduler.last_epoch))
         self.scheduler.step()
-        self._ema_update(*self.ema_pairs, H.ema_rate)
+        self._ema_update(*self.ema_pairs, ema_weight)
         return skip, torch.cat([stats[:3], grad_norm.float()[None], stats[3:]])
 
     def training_loss(self, out: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -45,6 +45,15 @@ def test_a_spike_of_ten_times_the_recent_norms_is_skipped_and_barely_moves_the_s
     assert not bool(auto_skip(statistic, torch.tensor(55.0), 400.0))  # the next ordinary norm is taken
 
 
+def test_a_spike_does_not_disarm_the_rule_for_the_burst_that_follows():
+    # a 1000x spike entering the running spread unclipped lifted the threshold to about 36x the typical norm for
+    # some 500 steps, so a 10x spike ten steps later was taken: blow-ups come in bursts
+    norms = lognormal(500, 50.0) + [50_000.0] + lognormal(10, 50.0, seed=1) + [500.0]
+    skipped = decisions(norms)
+    assert skipped[500] and skipped[-1]
+    assert not any(skipped[:500]) and not any(skipped[501:-1])
+
+
 def test_a_lasting_rise_is_absorbed_within_a_few_hundred_steps():
     norms = lognormal(1000, 50.0) + lognormal(1000, 200.0, seed=1)  # the norms' level quadruples at step 1,000
     skipped = decisions(norms)
