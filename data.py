@@ -975,14 +975,24 @@ def epoch_batches(split: Split, batch_size: int, seed: int, epoch: int, start: i
     ``accum`` shards in order (accum * batch_size images): together the ranks and passes see exactly what one
     process with batch B would."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(len(split), generator=gen)
+    # the epoch's order crosses to the data's device once, so that a batch's indices are a slice already there: a
+    # blocking copy of each batch's indices to a GPU made the host wait for the stream at every step
+    order = _to_device(torch.randperm(len(split), generator=gen), split.images.device)
     global_batch = batch_size * world * accum
 
     def indices(i: int) -> torch.Tensor:
         shards = order[i * global_batch:(i + 1) * global_batch].view(accum, world, batch_size)
-        return shards[:, rank].reshape(-1).to(split.images.device)
+        return shards[:, rank].reshape(-1)
 
     yield from _ahead(split, (indices(i) for i in range(start, len(split) // global_batch)))
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` (on the CPU) on ``device``; to a GPU through pinned memory, so that the copy does not make the host
+    wait for the work already queued on the stream."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def eval_batches(split: Split, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

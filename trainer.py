@@ -187,6 +187,13 @@ class Trainer:
         self.compile_cache_saved = False  # train.py writes the run's compile cache at this stage's first save
         wrapped = self.ddp or self.model
         self.forward = self._compile(wrapped, compile_mode) if self.compiled else wrapped
+        # under CUDA graphs a pass's gradients are outputs of a graph, in its memory pool: a gradient slot left
+        # empty (zero_grad's set_to_none) would take that very tensor, which the next pass's replay overwrites. So
+        # gradients live in buffers of their own from the start, zeroed in place, and each pass adds into them.
+        self.persistent_grads = self.compile_mode == "reduce-overhead"
+        if self.persistent_grads:
+            for p in self.trained:
+                p.grad = torch.zeros_like(p)
         # on the CPU the multi-tensor (foreach) operations of the gradient norm, clipping and EMA run one operator
         # per parameter tensor; compiled, they are a few fused loops. CUDA runs them as multi-tensor kernels already,
         # and compiling lists of the cifar10 model's 1,394 tensors costs minutes, so there they stay eager.
@@ -246,7 +253,7 @@ class Trainer:
         H, accum = self.H, self.H.grad_accum
         passes = zip(images.chunk(accum), labels.chunk(accum) if labels is not None else [None] * accum)
         rng = (torch.get_rng_state(), device_rng_state(self.device)) if accum > 1 else None
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not self.persistent_grads)
         stats = None
         for k, (x, y) in enumerate(passes):
             if k > 0:  # every pass draws the global batch's shifts and noise from the same state and takes its slice

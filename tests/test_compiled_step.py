@@ -139,3 +139,30 @@ def test_compiled_step_equals_the_eager_step(model, fresh_dynamo):
         assert len(group_a) == len(group_b) > 0
         for a, b in zip(group_a, group_b):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_under_cuda_graphs_accumulation_adds_into_gradient_buffers_of_its_own(fresh_dynamo, monkeypatch):
+    """With reduce-overhead (CUDA graphs) a pass's gradients are graph outputs that the next pass's replay
+    overwrites: the Trainer keeps every gradient in a buffer of its own, allocated once and zeroed in place, and
+    --grad_accum 4 still equals eager. Here dynamo traces with its eager backend (the CPU has no CUDA graphs, and
+    inductor's compile is tested above); the GPU check (cuda_paths) compares the real thing with eager on a card."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model=None, **options: real_compile(
+        model, **{k: v for k, v in options.items() if k not in ("mode", "backend")}, backend="eager"))
+    results = {}
+    for mode in ("off", "reduce-overhead"):
+        torch.manual_seed(0)
+        trainer = Trainer(family_hps("vdvae", grad_accum=4, compile="off" if mode == "off" else "on"),
+                          torch.device("cpu"), compile_mode=mode)
+        buffers = [p.grad for p in trainer.trained]
+        images, labels = batch(trainer.H, 4 * trainer.H.n_batch)
+        torch.manual_seed(1)
+        figures = [trainer.step(images, labels)[1] for _ in range(2)]
+        if mode == "reduce-overhead":
+            assert trainer.persistent_grads and all(b is not None for b in buffers)
+            assert all(p.grad is b for p, b in zip(trainer.trained, buffers))  # the same tensors, added into
+        results[mode] = (figures, [p.detach().clone() for p in trainer.model.parameters()])
+    for a, b in zip(*(results[m][0] for m in results)):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    for a, b in zip(*(results[m][1] for m in results)):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)

@@ -6,9 +6,10 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import data as data_module
-from data import epoch_batches, load_cifar10, load_digits, random_shift
+from data import Split, epoch_batches, load_cifar10, load_digits, random_shift
 from utils import UserError
 
 CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -101,6 +102,34 @@ def test_ranks_and_accumulation_passes_split_each_global_batch_exactly():
         # pass k of rank r holds shard k * world + r of the global batch
         passes = [shares[r][i][0].view(3, 4, *images.shape[1:])[k] for k in range(3) for r in range(2)]
         assert torch.equal(torch.cat(passes), images)
+
+
+class DeviceCopies(TorchDispatchMode):
+    """Counts the copies of a tensor from the CPU to another device."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+            source = args[0] if func is torch.ops.aten._to_copy.default else args[1]
+            target = kwargs.get("device") if func is torch.ops.aten._to_copy.default else args[0].device
+            if source.device.type == "cpu" and target is not None and torch.device(target).type != "cpu":
+                self.count += 1
+        return func(*args, **kwargs)
+
+
+def test_batch_indices_already_live_on_the_data_device():
+    """The epoch's order crosses to the data's device once; each batch's indices are a slice already there (a
+    blocking copy of every batch's indices to a GPU stalled the stream at every step)."""
+    data = load_digits()
+    split = Split(data.train.images.to("meta"), data.train.labels.to("meta"))  # "a device that is not the CPU"
+    with DeviceCopies() as copies:
+        batches = list(epoch_batches(split, 16, seed=3, epoch=0, rank=1, world=2, accum=2))
+    assert len(batches) == len(split) // 64 and copies.count == 1
+    assert all(images.device.type == "meta" and labels.device.type == "meta" for images, labels in batches)
 
 
 def test_random_shift_moves_content_without_changing_it():
