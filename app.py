@@ -2,7 +2,7 @@
 for a 2-D latent, the manifold.
 
     pip install -r requirements-app.txt        # gradio and the other optional extras
-    python app.py                              # the shipped digits model: http://127.0.0.1:7860
+    python app.py                              # ./weights.pt, else the shipped digits model: http://127.0.0.1:7860
     python app.py --weights weights/cifar10 --port 8000 --device cpu
 
 Tabs: **Sample** (a class by name, how many, one temperature or one per resolution, a seed, and a guidance
@@ -27,7 +27,7 @@ import torch
 
 from sampling import RUNNERS, Session, build_parser, parse_classes, sample_batched
 from images import save_grid
-from utils import CliParser, UserError, add_checkpoint_flags, check_port_free, run_cli
+from utils import CliParser, UserError, add_checkpoint_flags, check_port_free, resolve_weights_flag, run_cli
 
 PICK_BATCH = 9  # NVAE's cherry-picking shows 3x3 samples at a time
 DISPLAY_SIDE = 96  # small images are enlarged (nearest neighbour) for the page
@@ -328,6 +328,7 @@ def main(argv: list[str]) -> None:
     if importlib.util.find_spec("gradio") is None:
         raise UserError("app.py needs gradio: pip install -r requirements-app.txt")
     check_port_free(args.host, args.port)  # before the model is loaded
+    resolve_weights_flag(args)  # no --weights: ./weights.pt when here, else the shipped model (one line says which)
     app = App(args.weights, args.device, args.raw_weights, args.hps)
     page = build_page(app)
     print(f"serving {args.weights} on http://{args.host}:{args.port}", flush=True)

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from scoring import evaluate_checkpoint
-from utils import UserError, check_output_file, checkpoint_script_parser, run_cli
+from utils import UserError, check_output_file, checkpoint_script_parser, resolve_weights_flag, run_cli
 
 
 def format_table(r: dict) -> str:
@@ -76,6 +76,7 @@ def default_report_path(weights: str, split: str) -> Path:
 
 def main(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
+    resolve_weights_flag(args)  # no --weights: ./weights.pt when here, else the shipped model (one line says which)
     if args.iw_samples < 1 or args.n_batch < 1:
         raise UserError("--iw_samples and --n_batch must be >= 1")
     out = Path(args.out) if args.out else default_report_path(args.weights, args.split)

@@ -204,7 +204,7 @@ class Hyperparams:
                               "image's class with this probability, so that one model is conditional and "
                               "unconditional: sample.py --classes none and --guidance W need it (0: never)",
                               model=True)
-    # speed and memory (``auto`` picks what measured fastest on the device; see README, Speed)
+    # speed and memory (``auto`` picks what measured fastest on the device; see docs/speed.md)
     precision: str = _f("auto", "autocast precision: auto (measured: the fastest of fp32 and the low precision the "
                         "hardware has, bf16 on GPUs with native bf16 and CPUs with AVX512-BF16 or AMX, fp16 with a "
                         "gradient scaler on older GPUs, kept only when a fixed batch's loss is within 1%% of fp32's; "
@@ -360,12 +360,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         log_every=50, n_batch_eval=360, temperature=1.0,
         grad_checkpoint="none",  # 8x8 activations are tiny; recomputing GELUs costs ~30% of a step here
         # --model cvae/vlae: 16 channels (74k parameters for the cvae); 64 overfits these 1,293 images
-        # (held-out 2.10 against 1.84 bits/dim for the cvae, bench/families.py)
+        # (the cvae's and vlae's held-out figures at 64: bench/RESULTS.md#model-families)
         conv_width=16,
         # --model vqvae: 16 codes of 16 dimensions on a 4x4 grid; then a PixelCNN prior of 32 channels and 6 blocks
         # for 2,500 steps, with dropout 0.3 and weight decay 1.0: these 1,293 digits' codes overfit it otherwise
-        # (at the preset's 0.05 and no dropout, its held-out term went from 0.71 bits/dim after 1,000 steps to 1.93
-        # after 2,500; README, Model families)
+        # (at weight decay 0.05 and no dropout its held-out bound was far worse after 2,500 steps than after 1,000:
+        # the prior's table in bench/RESULTS.md#model-families)
         codebook_size=16, code_dim=16, prior_channels=32, prior_layers=6, prior_steps=2500, prior_dropout=0.3,
         prior_wd=1.0,
     ),
@@ -448,7 +448,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # Efficient-VDVAE's CIFAR-10 recipe (Hazami, Mama and Thurairatnam 2022; github Rayhane-mamah/Efficient-VDVAE,
     # egs/cifar10_baseline.cfg, their "C2"), on this project's blocks: their paper reports 2.87 bits/dim, not yet
-    # reproduced here. Where this differs from their code: README, Efficient-VDVAE.
+    # reproduced here. Where this differs from their code: docs/efficient_vdvae.md.
     "cifar10_efficient": dict(
         base="cifar10",
         # [data] random_horizontal_flip = True; pixels scaled to [-1, 1], (x - 127.5) / 127.5 (their data loaders)

@@ -25,7 +25,7 @@ from cvae import CVAE, VLAE
 from family import Family
 from hps import FAMILY_STAGES, MODELS, PRESETS, Hyperparams, hparams_from_preset, hparams_without_data
 from checkpoint import CHECKPOINT_FORMAT, load_checkpoint
-from utils import DEFAULT_WEIGHTS, UserError
+from utils import DEFAULT_WEIGHTS, LOCAL_WEIGHTS, UserError
 from vae import VAE
 from vqvae import VQVAE
 
@@ -91,7 +91,8 @@ def load_model(weights: str, device: torch.device, use_ema: bool = True,
     return model.to(device).eval(), list(class_names)
 
 
-MISSING_WEIGHTS_ADVICE = (f"weights come from the digits model shipped in {DEFAULT_WEIGHTS} (the default), a run "
+MISSING_WEIGHTS_ADVICE = (f"weights come from the digits model shipped in {DEFAULT_WEIGHTS} (the default when "
+                          f"the current folder has no {LOCAL_WEIGHTS}), a run "
                           f"of train.py (its folder, or a .pt file in it), one of openai/vdvae's published "
                           f"checkpoints (name its preset with --hps, or convert it with convert.py: "
                           f"docs/openai_vdvae.md), or hf:ORG/NAME on the Hugging Face hub")

@@ -78,9 +78,30 @@ class CliParser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-# the digits model committed in the repository (README: which command and commit made it): sample.py and app.py
-# work right after the install, with no training
+# the digits model committed in the repository (bench/RESULTS.md#digits-runs: which command and commit made it):
+# sample.py, evaluate.py and app.py work right after the install, with no training
 DEFAULT_WEIGHTS = "weights/digits.safetensors"
+# weights a user downloaded into the folder they run from, as the original conditional-VDVAE repository has its users
+# do ("put weights.pt in the folder, run python sample.py"): with no --weights they come first, the shipped model next
+LOCAL_WEIGHTS = "./weights.pt"
+
+
+def default_weights() -> tuple[str, str]:
+    """The weights a command loads when no --weights is given, and why: ``./weights.pt`` in the current folder when
+    there is one (recognised by its content, whatever it holds: models.weights_format), else the shipped model."""
+    local = Path(LOCAL_WEIGHTS)
+    if local.exists() or local.is_symlink():  # a dangling link too: loading it says it does not exist
+        return LOCAL_WEIGHTS, "no --weights given"
+    return DEFAULT_WEIGHTS, f"the shipped digits model: no --weights given and no {LOCAL_WEIGHTS} here"
+
+
+def resolve_weights_flag(args: argparse.Namespace) -> str:
+    """Fill in ``args.weights`` when it was not given (``default_weights``), saying on stdout which file that is,
+    in one line; returns it."""
+    if args.weights is None:
+        args.weights, why = default_weights()
+        print(f"weights: {args.weights} ({why})", flush=True)
+    return args.weights
 
 
 def checkpoint_script_parser(description: str) -> CliParser:
@@ -90,9 +111,9 @@ def checkpoint_script_parser(description: str) -> CliParser:
 
 
 def add_checkpoint_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="a checkpoint file, a run folder, an exported "
-                   ".safetensors file, or hf:ORG/NAME on the Hugging Face hub (default: the digits model shipped in "
-                   "weights/)")
+    p.add_argument("--weights", default=None, help="a checkpoint file, a run folder, an exported .safetensors file, "
+                   f"or hf:ORG/NAME on the Hugging Face hub (default: {LOCAL_WEIGHTS} when the current folder has "
+                   f"one, else the digits model shipped in {DEFAULT_WEIGHTS})")
     p.add_argument("--raw_weights", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--hps", default=None, help="the preset of an openai/vdvae .th checkpoint (cifar10, imagenet32, "
                    "imagenet64, ffhq256, ffhq1024); our own checkpoints carry theirs")

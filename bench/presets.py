@@ -3,7 +3,7 @@ prints figures; bench/RESULTS.md keeps them).
 
     python bench/presets.py                                  # every preset: parameters and memory (seconds)
     python bench/presets.py --measure digits,mnist,cifar10   # also time training steps of these on this machine
-    python bench/presets.py --memory_gb 141                  # the largest batch that fits a card of that size
+    python bench/presets.py --memory_gb 139                  # the largest batch that fits 139 GiB (2^30 bytes)
 
 Parameters and activation memory come from speed.py's meta-device measurement (no memory, no arithmetic, at any
 size): the bytes autograd saves per training image with each --grad_checkpoint mode, plus 20 bytes per parameter of
@@ -64,7 +64,8 @@ def main(argv: list[str]) -> None:
     p.add_argument("--presets", default=",".join(PRESETS), help="comma-separated presets (default: all)")
     p.add_argument("--measure", default="", help="comma-separated presets whose training steps to time here")
     p.add_argument("--steps", type=int, default=3, help="timed steps per measured preset")
-    p.add_argument("--memory_gb", type=float, default=80.0, help="memory for the largest-batch column")
+    p.add_argument("--memory_gb", type=float, default=80.0,
+                   help="memory for the largest-batch column, in GiB (2^30 bytes)")
     args = p.parse_args(argv)
     names = [n for n in args.presets.split(",") if n]
     measured = [n for n in args.measure.split(",") if n]

@@ -123,3 +123,106 @@ def test_a_zero_embedding_model_still_samples_and_evaluate_says_so(zero_embeddin
     capsys.readouterr()
     run_cli(evaluate.main, ["--weights", str(zero_embedding_run), "--no_classify", "--out", str(tmp_path / "e.json")])
     assert "the class embedding is all zeros: the model is unconditional" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# No --weights: ./weights.pt when the current folder has one (the original conditional-VDVAE repository's workflow:
+# put the downloaded weights.pt in the folder, run python sample.py), else the shipped digits model
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def seed_folder(trained_run, tmp_path, monkeypatch):
+    """A working folder where the shipped model resolves as it does in the repository (weights/ linked there) and
+    that holds the trained tiny run's checkpoint as weights.pt; the current folder during the test."""
+    from conftest import ROOT
+
+    run_dir, _ = trained_run
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "weights").symlink_to(ROOT / "weights", target_is_directory=True)
+    shutil.copyfile(run_dir / "latest.pt", here / "weights.pt")
+    monkeypatch.chdir(here)
+    return here
+
+
+def sampled(main, argv, capsys):
+    """The images and labels ``sample.py ARGV --out x.npz`` draws, and what it printed."""
+    import numpy as np
+
+    capsys.readouterr()
+    main([*argv, "--out", "x.npz"])
+    printed = capsys.readouterr().out
+    with np.load("x.npz") as arrays:
+        return arrays["images"], arrays["labels"], printed
+
+
+def test_with_no_weights_flag_a_weights_pt_here_is_loaded_else_the_shipped_model(trained_run, seed_folder, capsys):
+    import numpy as np
+    import sample
+
+    run_dir, _ = trained_run
+    images, labels, printed = sampled(sample.main, [], capsys)
+    assert printed.splitlines()[0] == "weights: ./weights.pt (no --weights given)"
+    assert images.shape == (100, 8, 8, 1) and np.array_equal(labels, np.repeat(np.arange(10), 10))  # 10 a class
+    named, _, _ = sampled(sample.main, ["--weights", str(run_dir)], capsys)
+    shipped, _, _ = sampled(sample.main, ["--weights", "weights/digits.safetensors"], capsys)
+    assert np.array_equal(images, named) and not np.array_equal(images, shipped)
+
+    (seed_folder / "weights.pt").unlink()
+    images, _, printed = sampled(sample.main, [], capsys)
+    assert printed.splitlines()[0] == ("weights: weights/digits.safetensors (the shipped digits model: no --weights "
+                                       "given and no ./weights.pt here)")
+    assert np.array_equal(images, shipped)
+
+
+def test_evaluate_and_app_take_the_same_default(trained_run, seed_folder, capsys, monkeypatch):
+    import importlib.util
+    import json
+
+    import app
+    import evaluate
+    from conftest import free_port
+
+    run_dir, _ = trained_run
+    capsys.readouterr()
+    run_cli(evaluate.main, ["--no_classify"])
+    assert capsys.readouterr().out.splitlines()[0] == "weights: ./weights.pt (no --weights given)"
+    report = json.loads((seed_folder / "eval_test.json").read_text())  # beside the weights: the current folder
+    run_cli(evaluate.main, ["--weights", str(run_dir), "--no_classify", "--out", "named.json"])
+    assert report["bpd"] == json.loads((seed_folder / "named.json").read_text())["bpd"]
+
+    loaded = []
+
+    class Loaded(Exception):
+        pass
+
+    def app_stub(weights, *rest):  # what app.py would serve, without gradio or a server
+        loaded.append(weights)
+        raise Loaded
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "gradio" else
+                        real_find_spec(name, *a))
+    monkeypatch.setattr(app, "App", app_stub)
+    for present in (True, False):
+        if not present:
+            (seed_folder / "weights.pt").unlink()
+        with pytest.raises(Loaded):
+            app.main(["--port", str(free_port())])
+    assert loaded == ["./weights.pt", "weights/digits.safetensors"]
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint at all", "foreign"])
+def test_an_unloadable_weights_pt_here_is_one_line_and_exit_2(seed_folder, capsys, content):
+    import evaluate
+    import sample
+
+    if content == "foreign":
+        torch.save({"weights": torch.zeros(3)}, seed_folder / "weights.pt")
+    else:
+        (seed_folder / "weights.pt").write_bytes(content)
+    for main in (sample.main, evaluate.main):
+        line = refused(main, [], capsys)
+        assert line.startswith("error: ") and "weights.pt" in line, line
+    assert not (seed_folder / "samples.png").exists() and not (seed_folder / "eval_test.json").exists()
