@@ -32,7 +32,7 @@ from images import crop_padding, save_grid
 from models import build_model, is_openai_checkpoint, model_summary, require_2d_latent
 from runlog import LatentTrajectory, NullLogger, RunLogger, read_metrics, tensorboard_writer
 from scoring import evaluate_elbo, kl_per_resolution
-from speed import activation_memory_line, choose_speed_settings
+from speed import SPEED_FIELDS, activation_memory_line, choose_speed_settings
 from trainer import (RunState, SkipCounter, StageStart, StopSignal, Trainer, Window, auto_skip_limit,
                      check_same_model, checkpoint_dict, checkpoint_to_resume, load_compile_cache, plan_stages,
                      restore_run, save_compile_cache, stage_budget, start_after_stage)
@@ -52,14 +52,16 @@ def main(argv: list[str]) -> None:
     completed = False
     try:
         with contextlib.ExitStack() as cleanup:  # the run folder's lock, released however train ends
-            train(H, dist, device, cleanup)
+            train(H, dist, device, cleanup, given=frozenset(vars(args)))
         completed = True
     finally:  # every way out leaves the process group: a normal end, a signal, too many skips, an error
         end_distributed(dist, completed)
 
 
-def train(H: Hyperparams, dist: Dist, device: torch.device, cleanup: contextlib.ExitStack) -> None:
-    run = prepare_run(H, dist, device)  # every check passes before anything is written
+def train(H: Hyperparams, dist: Dist, device: torch.device, cleanup: contextlib.ExitStack,
+          given: frozenset[str] = frozenset()) -> None:
+    """One run; ``given``: the fields the command line set (a resumed run keeps its other speed settings)."""
+    run = prepare_run(H, dist, device, given)  # every check passes before anything is written
     open_run_folder(run, cleanup)
     choose_speed(run)
     trainer, train_seconds = train_stages(run)
@@ -87,6 +89,7 @@ class Run:
     start: StageStart  # how the first of them begins
     warnings: list[str]
     state: RunState
+    given: frozenset[str] = frozenset()  # the fields the command line set
     log: RunLogger | NullLogger = field(default_factory=NullLogger)
     trajectory: LatentTrajectory | None = None  # --track_latents (rank 0)
     tracked: tuple[torch.Tensor, torch.Tensor, list[int]] | None = None  # its fixed test images
@@ -109,7 +112,7 @@ class Run:
         return min(stage_budget(self.H, self.stages.index(stage))[0] or math.inf, self.H.num_epochs * steps_per_epoch)
 
 
-def prepare_run(H: Hyperparams, dist: Dist, device: torch.device) -> Run:
+def prepare_run(H: Hyperparams, dist: Dist, device: torch.device, given: frozenset[str] = frozenset()) -> Run:
     """Check the run folder can be written, read the data, fill the fields it decides, read and check what
     ``--restore`` names and plan the stages; nothing is written yet, so a refusal leaves nothing behind."""
     if H.tensorboard:
@@ -136,7 +139,7 @@ def prepare_run(H: Hyperparams, dist: Dist, device: torch.device) -> Run:
     stages = FAMILY_STAGES[H.model]
     run_stages, start = plan_stages(H, stages, resume)
     state = RunState(attribute_means=data.train.labels.float().mean(0).tolist() if data.multi_label else None)
-    return Run(H, dist, device, data, run_dir, resume, stages, run_stages, start, warnings, state,
+    return Run(H, dist, device, data, run_dir, resume, stages, run_stages, start, warnings, state, given,
                train_images=on_device_if_small(data.train, device))
 
 
@@ -164,14 +167,37 @@ def open_run_folder(run: Run, cleanup: contextlib.ExitStack) -> None:
 
 def choose_speed(run: Run) -> None:
     """The ``auto`` speed fields, measured on this machine (or read from the cache of an earlier measurement) by
-    rank 0 and shared."""
+    rank 0 and shared; a resumed run first takes its checkpoint's (keep_resumed_speed)."""
     H, dist = run.H, run.dist
+    keep_resumed_speed(run)
     total = run.stage_total(run.run_stages[0])
     if H.compile != "off":  # an earlier process of this run compiled: the probe and the run start warm
         load_compile_cache(run.run_dir, run.log.info)
     settings = dist.broadcast(choose_speed_settings(H, run.device, total, log=run.log.info) if dist.main else None)
     for name, value in settings.items():
         setattr(H, name, value)
+
+
+def keep_resumed_speed(run: Run) -> None:
+    """A resumed run goes on with the precision, memory layout, recomputation and compilation its checkpoint was
+    trained with, except the fields the command line sets: a new probe (a wiped cache, another node) could switch
+    them half-way, and compiling changes the noise draws. A checkpoint from another kind of device, or a weights-only
+    one, keeps nothing: this device's settings are chosen afresh."""
+    if run.resume is None or "optimizer" not in run.resume[1]:
+        return
+    path, ckpt = run.resume
+    trained_on = ckpt.get("device_type", run.device.type)  # older checkpoints: this device's kind
+    if trained_on != run.device.type:
+        run.log.info(f"{path} was trained on {trained_on}, this run is on {run.device.type}: its speed settings are "
+                     f"chosen afresh")
+        return
+    saved = {**Hyperparams().to_dict(), **ckpt["hps"]}
+    kept = {f: saved[f] for f in (*SPEED_FIELDS, "compile") if f not in run.given and saved[f] != "auto"}
+    for name, value in kept.items():
+        setattr(run.H, name, value)
+    if kept:
+        run.log.info("resumed with the checkpoint's speed settings: " + ", ".join(f"{k} {v}" for k, v in kept.items())
+                     + " (a flag on the command line overrides one)")
 
 
 # ---------------------------------------------------------------------------------------------

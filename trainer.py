@@ -462,6 +462,7 @@ def checkpoint_dict(H: Hyperparams, trainer: Trainer, state: RunState, class_nam
         # rank 0's states are every rank's (a list of all visible GPUs' states would not survive a resume on
         # fewer GPUs, and would hand the other ranks rank 0's GPU state by index)
         "rng": {"torch": torch.get_rng_state(), "device": device_rng_state(trainer.device)},
+        "device_type": trainer.device.type,  # where the speed settings in "hps" were chosen (a resume keeps them)
         **({"skip_statistic": trainer.skip_statistic.cpu()} if H.skip_threshold == "auto" else {}),
     }
 

@@ -342,3 +342,25 @@ def test_the_probe_leaves_the_runs_random_stream_alone(tmp_path):
                                          cache_path=tmp_path / "c.json")
     assert set(choice) == {*speed.SPEED_FIELDS, "compile"}
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_resume_keeps_the_checkpoints_speed_settings_unless_the_command_line_sets_one(tmp_path, monkeypatch):
+    """After a wiped speed cache (or on another node) a resumed run does not probe again and switch precision,
+    layout, recomputation or compilation half-way: it keeps its checkpoint's, and says so in the log."""
+    import train
+
+    run = tmp_path / "run"
+    chosen = dict(precision="bf16", channels_last="on", grad_checkpoint="gelu", compile="off")
+    train.main(tiny_cli_args(run, max_steps=2, eval_every=0, **chosen))
+    cache = tmp_path / "empty-cache" / "speed.json"
+    monkeypatch.setenv("VDVAE_SPEED_CACHE", str(cache))
+    train.main(tiny_cli_args(run, max_steps=3, eval_every=0, restore="latest"))  # the preset's auto everywhere
+    saved = torch.load(run / "latest.pt", weights_only=True)
+    assert saved["step"] == 3 and {k: saved["hps"][k] for k in chosen} == chosen
+    assert saved["device_type"] == "cpu" and not cache.exists()  # nothing was probed
+    log = (run / "log.txt").read_text()
+    assert ("resumed with the checkpoint's speed settings: precision bf16, channels_last on, grad_checkpoint gelu, "
+            "compile off") in log
+    train.main(tiny_cli_args(run, max_steps=4, eval_every=0, restore="latest", precision="fp32"))
+    saved = torch.load(run / "latest.pt", weights_only=True)["hps"]
+    assert saved["precision"] == "fp32" and saved["channels_last"] == "on" and saved["grad_checkpoint"] == "gelu"
