@@ -3,59 +3,56 @@ optimiser Efficient-VDVAE trains with. Both can skip an update on the device (``
 needs no host round trip to decide whether its update is kept."""
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 
 OPTIMIZERS = ("adamw", "adamax")
 
 
-def _dense_strides(t: torch.Tensor) -> tuple[int, ...]:
-    """``t``'s strides when its elements fill a block of memory without gaps or overlaps (contiguous, channels-last or
-    any other permutation of the dimensions), else the contiguous strides of its shape."""
-    expected = 1
-    for d in sorted(range(t.dim()), key=t.stride):
-        if t.shape[d] == 1:
-            continue
-        if t.stride(d) != expected:
-            break
-        expected *= t.shape[d]
-    else:
-        return t.stride()
-    contiguous, expected = [], 1
-    for size in reversed(t.shape):
-        contiguous.append(expected)
-        expected *= size
-    return tuple(reversed(contiguous))
+_Bucket = tuple[torch.device, torch.dtype]  # the parameters of a group that one multi-tensor operation can update
 
 
-class _Layout:
-    """Where each tensor of a bucket (one device and dtype of a parameter group) lies in one flat buffer of theirs.
-    A tensor's view of the buffer has its parameter's strides, so that a multi-tensor operation mixing such views
-    with parameters and moments (which share the parameters' layout) keeps its one-kernel path."""
+def _bits_type(dtype: torch.dtype) -> torch.dtype:
+    """The integer type of ``dtype``'s size: a view of a float tensor as it reads the floats' bit patterns."""
+    return {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
 
-    def __init__(self, params: list[torch.Tensor]):
-        self.sizes = [p.shape for p in params]
-        self.strides = [_dense_strides(p) for p in params]
-        self.offsets: list[int] = []
-        self.numel = 0
-        for p in params:
-            self.offsets.append(self.numel)
-            self.numel += p.numel()
-        self.device, self.dtype = params[0].device, params[0].dtype
-        self._segments: torch.Tensor | None = None
 
-    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """One view of the flat buffer per tensor, shaped and strided like its parameter."""
-        return [flat.as_strided(size, stride, offset)
-                for size, stride, offset in zip(self.sizes, self.strides, self.offsets)]
+class _Skip(NamedTuple):
+    """``found_inf`` read on the device for one bucket, also as integers of its dtype's size, which select floats by
+    their bit patterns: an integer product with ``keep`` (1, or 0 where skipped) makes any float +0.0, NaN and inf
+    included, where a float product would not (NaN * 0 is NaN), and adding ``sign`` (0, or the sign bit where
+    skipped) makes that +0.0 a -0.0, the one float whose addition leaves every float (-0.0 too) as it is."""
 
-    def segments(self) -> torch.Tensor:
-        """For each element of the flat buffer, the index of its tensor (int32, built on the device once)."""
-        if self._segments is None:
-            self._segments = torch.cat([torch.full((size.numel(),), i, dtype=torch.int32, device=self.device)
-                                        for i, size in enumerate(self.sizes)])
-        return self._segments
+    skipped: torch.Tensor  # bool
+    keep: torch.Tensor
+    sign: torch.Tensor
+
+    @staticmethod
+    def read(found_inf: torch.Tensor, like: torch.Tensor) -> _Skip:
+        """The decision for the bucket of ``like`` (its device and dtype)."""
+        skipped = found_inf.to(like.device).ne(0)
+        bits = skipped.to(_bits_type(like.dtype))
+        return _Skip(skipped, 1 - bits, bits * torch.iinfo(bits.dtype).min)
+
+    def terms(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Copies of ``tensors``, -0.0 everywhere where skipped."""
+        bits = torch._foreach_mul([t.view(self.keep.dtype) for t in tensors], self.keep)
+        # alpha selects the Tensor overload: without it, a 0-dim tensor is read on the host as a Scalar
+        torch._foreach_add_(bits, self.sign, alpha=1)
+        return [b.view(t.dtype) for b, t in zip(bits, tensors)]
+
+    def zero_(self, tensors: list[torch.Tensor]) -> None:
+        """Set ``tensors`` to +0.0 where skipped, in place."""
+        torch._foreach_mul_([t.view(self.keep.dtype) for t in tensors], self.keep)
+
+
+def _scalar(value: float, like: torch.Tensor, skip: _Skip | None, neutral: float) -> torch.Tensor:
+    """``value`` as a 0-dim tensor of ``like``'s device and dtype, or ``neutral`` where the update is skipped.
+    A CUDA multi-tensor kernel keeps its one-kernel path only with a scalar tensor of its tensors' dtype, so the
+    value is rounded to that dtype (exactly as a Python scalar is for float32 and float64 tensors)."""
+    scalar = torch.full((), value, dtype=like.dtype, device=like.device)
+    return scalar if skip is None else scalar.masked_fill_(skip.skipped, neutral)
 
 
 class Adamax(torch.optim.Optimizer):
@@ -63,16 +60,26 @@ class Adamax(torch.optim.Optimizer):
 
     Per parameter ``p`` with gradient ``g``: ``m = b1*m + (1-b1)*g``; ``u = max(b2*u, |g| + eps)``; ``t += 1``;
     ``p -= lr / (1 - b1**t) * m / u``: torch.optim.Adamax with ``weight_decay=0``, with its state names ("step",
-    "exp_avg", "exp_inf"), each parameter with its own step count. Weight decay is decoupled as in torch.optim.AdamW:
-    ``p *= 1 - lr*weight_decay`` before the update, which is how Efficient-VDVAE's JAX code decays (optax
-    ``add_decayed_weights`` scaled by the learning rate); it is not torch.optim.Adamax's L2 term added to the gradient.
+    "exp_avg", "exp_inf"). Weight decay is decoupled as in torch.optim.AdamW: ``p *= 1 - lr*weight_decay`` before the
+    update, which is how Efficient-VDVAE's JAX code decays (optax ``add_decayed_weights`` scaled by the learning rate);
+    it is not torch.optim.Adamax's L2 term added to the gradient.
+
+    The step count ``t`` is one per bucket (the parameters of a group on one device with one dtype): a 0-dim float32
+    tensor on that device, which every parameter state of the bucket holds as its "step", counting the updates in
+    which any of them had a gradient. A parameter without a gradient is left alone, as torch.optim.Adamax leaves it,
+    but its count moves on with its bucket's: where torch's would count the parameter's own updates, a parameter whose
+    first gradient comes after other parameters' (or that misses some steps) is bias-corrected with the bucket's
+    larger count, so that its first update is about ``1 - b1`` times as large as torch's (its moment is not yet
+    corrected for its zero start), growing to torch's as its moment fills. A loaded state dict whose counts differ
+    within a bucket (torch.optim.Adamax's, or this class's when it counted per parameter) gets their maximum.
 
     ``found_inf`` (None, or a 0-dim float tensor on the parameters' device holding 0 or 1) is read by ``step`` as fused
     AdamW reads it: at 1 the parameters, both moments and the step counts stay bit-for-bit unchanged whatever the
     gradients hold (NaN and inf included). Nothing in ``step`` reads a tensor's value on the host: step counts and
-    bias corrections live on the device, and each device and dtype of a parameter group is updated by a fixed number
-    of multi-tensor (``torch._foreach_*``) operations, however many tensors it has. ``lr`` in a parameter group is a
-    float that a scheduler may change between steps.
+    bias corrections live on the device, and each bucket is updated by a fixed number of multi-tensor
+    (``torch._foreach_*``) operations, however many tensors it has. The state is the two moments and a 0-dim step
+    count per bucket; an update allocates one temporary tensor per parameter at a time. ``lr`` in a parameter group is
+    a float that a scheduler may change between steps.
     """
 
     found_inf: torch.Tensor | None = None
@@ -89,33 +96,41 @@ class Adamax(torch.optim.Optimizer):
             raise ValueError(f"invalid weight decay {weight_decay!r}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.found_inf = None
-        self._layouts: dict[tuple, _Layout] = {}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Restore a pickled optimiser (its buffer layouts are rebuilt on the next step)."""
-        super().__setstate__(state)
-        self._layouts = {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state saved by ``state_dict``; the step counts go to their parameters' devices as float32 tensors
-        (torch keeps a loaded "step" where it was saved, on the CPU for a checkpoint loaded there)."""
+        """Load a state saved by ``state_dict`` (or by torch.optim.Adamax, or by this class when it kept a step count
+        per parameter): each bucket's step counts become one new float32 tensor on its device, their maximum (all are
+        equal but for parameters that joined late), so that stepping never changes the loaded dict."""
         super().load_state_dict(state_dict)
-        for p, state in self.state.items():
-            if "step" in state:
-                state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(p.device)
+        for group in self.param_groups:
+            self._steps(group, fresh=True)
 
-    def _layout(self, params: list[torch.Tensor]) -> _Layout:
-        key = (params[0].device, params[0].dtype, tuple((p.shape, p.stride()) for p in params))
-        layout = self._layouts.get(key)
-        if layout is None:
-            if len(self._layouts) >= 16:  # the tensors with a gradient changed often: keep the cache small
-                self._layouts.clear()
-            layout = self._layouts[key] = _Layout(params)
-        return layout
+    def _steps(self, group: dict[str, Any], fresh: bool = False) -> dict[_Bucket, torch.Tensor]:
+        """The step count of each bucket of ``group`` that has a state, the one tensor all its states hold (joined
+        here where they hold several: a state dict loaded, or a state set by hand; always where ``fresh``)."""
+        buckets: dict[_Bucket, list[dict[str, Any]]] = {}
+        for p in group["params"]:
+            state = self.state.get(p)
+            if state and "step" in state:
+                buckets.setdefault((p.device, p.dtype), []).append(state)
+        steps = {}
+        for (device, dtype), states in buckets.items():
+            step = states[0]["step"]
+            shared = (isinstance(step, torch.Tensor) and step.device == device and step.dtype == torch.float32
+                      and step.dim() == 0 and all(s["step"] is step for s in states))
+            if fresh or not shared:
+                step = torch.stack([torch.as_tensor(s["step"], dtype=torch.float32).to(device).reshape(())
+                                    for s in states]).amax()
+                for s in states:
+                    s["step"] = step
+            steps[(device, dtype)] = step
+        return steps
 
-    def _buckets(self, group: dict[str, Any]) -> dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]:
-        """The group's parameters that have a gradient, by device and dtype, their state created where missing."""
-        buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    def _buckets(self, group: dict[str, Any]) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+        """The group's parameters that have a gradient, by device and dtype, each bucket with its step count; a
+        parameter's state is created at its first gradient, with its bucket's count."""
+        steps = self._steps(group)
+        buckets: dict[_Bucket, list[torch.Tensor]] = {}
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -123,15 +138,16 @@ class Adamax(torch.optim.Optimizer):
                 raise RuntimeError("Adamax does not support sparse gradients")
             if not p.is_floating_point():
                 raise RuntimeError(f"Adamax updates real floating-point parameters, not {p.dtype}")
+            key = (p.device, p.dtype)
             state = self.state[p]
             if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                if key not in steps:
+                    steps[key] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["step"] = steps[key]
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_inf"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            elif state["step"].device != p.device:  # a state assigned by hand, not through load_state_dict
-                state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
-            buckets.setdefault((p.device, p.dtype), []).append(p)
-        return buckets
+            buckets.setdefault(key, []).append(p)
+        return [(params, steps[key]) for key, params in buckets.items()]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -141,77 +157,48 @@ class Adamax(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for params in self._buckets(group).values():
-                self._update(group, params)
+            for params, step in self._buckets(group):
+                self._update(group, params, step)
         return loss
 
-    def _update(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        """Update one bucket: parameters of one device and dtype."""
+    def _update(self, group: dict[str, Any], params: list[torch.Tensor], step: torch.Tensor) -> None:
+        """Update one bucket: parameters of one device and dtype, whose step count is ``step``.
+
+        Where the update is skipped, every change is made an exact no-op without reading the decision: the gradients
+        become -0.0 (see _Skip) and every factor 1 and every other term -0.0 or 0, so that each moment, parameter and
+        count is multiplied by 1, added -0.0 or 0, or kept by a maximum; the one term that cannot be so, ``m / u``
+        (0/0 on a state never updated), is zeroed itself."""
         lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        states = [self.state[p] for p in params]
-        exp_avgs = [s["exp_avg"] for s in states]
-        exp_infs = [s["exp_inf"] for s in states]
-        steps = [s["step"] for s in states]
+        exp_avgs = [self.state[p]["exp_avg"] for p in params]
+        exp_infs = [self.state[p]["exp_inf"] for p in params]
         grads = [p.grad for p in params]
-        layout = self._layout(params)
-        device, dtype = layout.device, layout.dtype
-
-        if self.found_inf is None:
-            if wd != 0:
-                torch._foreach_mul_(params, 1 - lr * wd)
-            torch._foreach_lerp_(exp_avgs, grads, 1 - b1)
-            torch._foreach_mul_(exp_infs, b2)
+        like = params[0]
+        skip = None if self.found_inf is None else _Skip.read(self.found_inf, like)
+        if skip is not None:
+            grads = skip.terms(grads)
+        step.add_(1 if skip is None else skip.keep)  # one count for the bucket: one small kernel
+        if wd != 0:
+            torch._foreach_mul_(params, _scalar(1 - lr * wd, like, skip, 1.0))
+        torch._foreach_mul_(exp_avgs, _scalar(b1, like, skip, 1.0))
+        torch._foreach_add_(exp_avgs, grads, alpha=1 - b1)
+        torch._foreach_mul_(exp_infs, _scalar(b2, like, skip, 1.0))
+        if skip is None:
             candidates = torch._foreach_abs(grads)
-            torch._foreach_add_(candidates, eps)
-            torch._foreach_maximum_(exp_infs, candidates)
-            del candidates
-            torch._foreach_add_(steps, 1.0)
-            t = torch.stack(steps)
-            keep32 = None
-        else:
-            found = self.found_inf.to(device)
-            skip = found.ne(0)
-            keep32 = found.eq(0).to(torch.float32)
-            keep = keep32.to(dtype)  # 0 or 1, exact in any dtype: the only coefficient kept as a tensor
-            # the gradients, or zeros where the step is skipped: 0 * nan is nan, so a product with keep would not
-            # do; a masked fill of one flat copy of them does, in one kernel
-            flat = torch.empty(layout.numel, dtype=dtype, device=device)
-            g = layout.views(flat)
-            torch._foreach_copy_(g, grads)
-            flat.masked_fill_(skip, 0)
-            # every change below is a product with keep (or with g, zero when skipped), added to the old value:
-            # adding an exact zero leaves a tensor bit-for-bit unchanged
-            if wd != 0:  # p -= lr*wd*keep*p
-                torch._foreach_add_(params, torch._foreach_mul(params, keep), alpha=-lr * wd)
-            # m += (1-b1)*(g - keep*m), torch's lerp formula when kept
-            d = torch._foreach_mul(exp_avgs, keep)
-            torch._foreach_sub_(d, g)
-            torch._foreach_add_(exp_avgs, d, alpha=-(1 - b1))
-            del d
-            # u = max(u - (1-b2)*keep*u, |g| + eps*keep): max(u, 0) = u when skipped, as u >= 0
-            torch._foreach_add_(exp_infs, torch._foreach_mul(exp_infs, keep), alpha=-(1 - b2))
-            torch._foreach_abs_(g)
-            torch._foreach_add_(g, keep, alpha=eps)
-            torch._foreach_maximum_(exp_infs, g)
-            del g, flat
-            # alpha selects the Tensor overload: without it, a 0-dim tensor is read on the host as a Scalar
-            torch._foreach_add_(steps, keep32, alpha=1.0)
-            # a first step skipped leaves t = 0, where 1 - b1**t = 0: the step size, zeroed by keep, must stay finite
-            t = torch.stack(steps).clamp_min_(1)
-
-        # each tensor's step size -lr / (1 - b1**t) from its own step count, spread over its elements of a flat
-        # buffer (one gather), so that a single multi-tensor product applies them all
-        size = torch.pow(b1, t).sub_(1).reciprocal_().mul_(lr)
-        if keep32 is not None:
-            size.mul_(keep32)
-        size = size.to(dtype).index_select(0, layout.segments())
-        numerators = torch._foreach_mul(exp_avgs, layout.views(size))
-        del size
-        if keep32 is None:
-            denominators = exp_infs
-        else:  # u is 0 before the first kept step: u + 1 keeps 0/0 out of a skipped update
-            denominators = torch._foreach_add(exp_infs, skip.to(dtype), alpha=1.0)
-        torch._foreach_addcdiv_(params, numerators, denominators)
+        else:  # the copies of the gradients are ours to change
+            torch._foreach_abs_(grads)
+            candidates = grads
+        torch._foreach_add_(candidates, _scalar(eps, like, skip, 0.0), alpha=1)  # alpha: see _Skip.terms
+        torch._foreach_maximum_(exp_infs, candidates)  # max(u, 0) = u where skipped: u >= 0
+        del candidates, grads
+        # the bias correction 1 / (1 - b1**t) from the count on the device; where a first update is skipped, t = 0
+        # makes it inf, and the update NaN, zeroed below. Computed in float32, or float64 for float64 parameters.
+        t = step.to(torch.promote_types(like.dtype, torch.float32))
+        correction = (1 - torch.pow(b1, t)).reciprocal_().to(like.dtype)
+        updates = torch._foreach_div(exp_avgs, exp_infs)
+        torch._foreach_mul_(updates, correction)
+        if skip is not None:
+            skip.zero_(updates)
+        torch._foreach_add_(params, updates, alpha=-lr)  # -lr * +0.0 = -0.0 where skipped
 
 
 def make_optimizer(name: str, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float,

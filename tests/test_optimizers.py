@@ -320,3 +320,138 @@ def test_adamax_through_the_trainer_equals_torch_adamax_and_skips_without_readin
     monkeypatch.undo()
     assert skipped.item()
     assert all(torch.equal(a, b) for a, b in zip(before, ours.model.parameters()))
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bit patterns, to compare floats of any dtype bit for bit (-0.0 and NaN included)."""
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def test_a_bucket_shares_one_step_count_and_holds_no_other_buffer():
+    """The state is the two moments of each parameter and one 0-dim step count per bucket (the tensors of a group
+    with one device and dtype), which every state of the bucket holds: no per-element buffer besides the moments."""
+    params = make_params() + [torch.nn.Parameter(torch.randn(4, dtype=torch.float64))]
+    opt = Adamax(params, lr=0.01, weight_decay=0.1)
+    opt.found_inf = torch.zeros(())
+    for step in range(3):
+        set_grads(params, gradients(step) + [torch.randn(4, dtype=torch.float64)])
+        opt.step()
+    shared = opt.state[params[0]]["step"]
+    assert all(opt.state[p]["step"] is shared for p in params[:-1])
+    assert opt.state[params[-1]]["step"] is not shared  # float64: a bucket of its own
+    assert float(shared) == float(opt.state[params[-1]]["step"]) == 3
+    unique = {id(t): t for state in opt.state.values() for t in state.values()}.values()
+    state_bytes = sum(t.numel() * t.element_size() for t in unique)
+    assert state_bytes == 2 * sum(p.numel() * p.element_size() for p in params) + 2 * 4
+    assert not [k for k, v in vars(opt).items() if torch.is_tensor(v) and k != "found_inf"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_found_inf_skips_bit_for_bit_in_any_dtype_and_keeps_negative_zeros(dtype):
+    """A bucket of any floating dtype skips through its integer view (int64, int16), kept updates follow torch's
+    Adamax in that dtype, and a -0.0 in a weight or a moment stays -0.0 through a skipped update (it adds -0.0,
+    never +0.0, which would turn -0.0 into +0.0); b1 = 0.5 lets a moment reach -0.0 by itself."""
+    lr, wd = 0.01, 0.1
+    found = torch.zeros(())
+    params = [torch.nn.Parameter(p.detach().to(dtype)) for p in make_params()]
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = Adamax(params, lr=lr, betas=(0.5, 0.9), weight_decay=wd)
+    opt.found_inf = found
+    ref = torch.optim.Adamax(ref_params, lr=lr, betas=(0.5, 0.9))
+    for step in range(3):
+        grads = [g.to(dtype) for g in gradients(step)]
+        set_grads(params, grads)
+        set_grads(ref_params, grads)
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_mul_(ref_params, 1 - lr * wd)
+        ref.step()
+    tolerance = dict(rtol=0, atol=0.02) if dtype != torch.float64 else dict(rtol=1e-12, atol=1e-14)
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p, q, **tolerance)
+    with torch.no_grad():
+        params[1][0, 0] = -0.0
+        opt.state[params[1]]["exp_avg"][0, 1] = -0.0
+    set_grads(params, [g.to(dtype) for g in poisoned(3)])
+    before = snapshot(opt, params)
+    found.fill_(1)
+    opt.step()
+    after = snapshot(opt, params)
+    assert len(after) == len(before) == 4 * len(params)  # weight, step count and both moments
+    assert all(x.dtype == y.dtype and torch.equal(bits(x), bits(y)) for x, y in zip(after, before))
+    assert bits(params[1])[0, 0] == bits(torch.tensor(-0.0, dtype=dtype))
+
+
+@pytest.mark.parametrize("found_inf", [None, 0.0])
+def test_a_parameter_that_joins_late_takes_its_bucket_step_count(found_inf):
+    """A parameter whose first gradient comes at step 3 starts its moments at zero then, as in torch.optim.Adamax,
+    but takes its bucket's step count (torch's would start at 0): its first update is bias-corrected by
+    1 / (1 - b1**4), not 1 / (1 - b1), so it is (1 - b1) / (1 - b1**4) of torch's. The other parameters, and the
+    late one's moments, are torch's."""
+    lr, b1, late = 0.01, 0.9, 4
+    params, ref_params = make_params(), make_params()
+    opt = Adamax(params, lr=lr, betas=(b1, 0.999))
+    opt.found_inf = None if found_inf is None else torch.tensor(found_inf)
+    ref = torch.optim.Adamax(ref_params, lr=lr, betas=(b1, 0.999))
+    for step in range(5):
+        for ps in (params, ref_params):
+            set_grads(ps, gradients(step))
+            if step < 3:
+                ps[late].grad = None
+        before, ref_before = params[late].detach().clone(), ref_params[late].detach().clone()
+        opt.step()
+        ref.step()
+        if step < 3:
+            assert params[late] not in opt.state and torch.equal(params[late], before)
+        if step == 3:
+            ratio = (params[late] - before) / (ref_params[late] - ref_before)
+            torch.testing.assert_close(ratio, torch.full_like(ratio, (1 - b1) / (1 - b1**4)), rtol=1e-4, atol=0)
+    assert opt.state[params[late]]["step"] is opt.state[params[0]]["step"]
+    assert float(opt.state[params[late]]["step"]) == 5 and float(ref.state[ref_params[late]]["step"]) == 2
+    assert_state_close(opt, ref, params[:late], ref_params[:late])
+    for key in ("exp_avg", "exp_inf"):
+        torch.testing.assert_close(opt.state[params[late]][key], ref.state[ref_params[late]][key])
+
+
+def test_a_state_dict_with_a_step_count_per_tensor_loads():
+    """A state dict whose states hold their own step counts (torch.optim.Adamax's, or this class's when it kept one
+    per parameter) loads as one count per bucket, their maximum, and resumes as the optimiser it came from;
+    stepping the loaded optimiser leaves the dict's counts as they were."""
+    params, other = make_params(), make_params(seed=5)
+    opt = Adamax(params, lr=0.01, weight_decay=0.05)
+    opt.found_inf = torch.zeros(())
+    for step in range(4):
+        set_grads(params, gradients(step))
+        opt.step()
+    with torch.no_grad():
+        for p, q in zip(params, other):
+            q.copy_(p)
+    saved = copy.deepcopy(opt.state_dict())
+    for state in saved["state"].values():  # as this class saved them before: a tensor of its own per state
+        state["step"] = state["step"].clone()
+    reloaded = Adamax(other, lr=0.5)
+    reloaded.load_state_dict(saved)
+    reloaded.found_inf = torch.zeros(())
+    assert len({id(reloaded.state[q]["step"]) for q in other}) == 1
+    for step in range(4, 7):
+        set_grads(params, gradients(step))
+        set_grads(other, gradients(step))
+        opt.step()
+        reloaded.step()
+    assert_bit_identical(snapshot(reloaded, other), snapshot(opt, params))
+    assert all(float(state["step"]) == 4 for state in saved["state"].values())
+    # counts that differ within a bucket (a parameter that joined late) become the largest
+    saved["state"][2]["step"] = torch.tensor(1.0)
+    late = Adamax(make_params(), lr=0.01)
+    late.load_state_dict(saved)
+    assert {float(state["step"]) for state in late.state.values()} == {4.0}
+    # and torch's own Adamax state dict
+    theirs_params = make_params()
+    theirs = torch.optim.Adamax(theirs_params, lr=0.01)
+    for step in range(2):
+        set_grads(theirs_params, gradients(step))
+        theirs.step()
+    ours = Adamax(make_params(), lr=0.01)
+    ours.load_state_dict(theirs.state_dict())
+    step = ours.state[ours.param_groups[0]["params"][0]]["step"]
+    assert float(step) == 2 and step.dtype == torch.float32 and all(s["step"] is step for s in ours.state.values())
