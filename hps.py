@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from utils import CliParser, UserError
+from utils import DIST_TIMEOUT_S, SOLO_WAIT_S, CliParser, UserError
 
 # ---------------------------------------------------------------------------------------------
 # Block specs and likelihoods: the syntax of --enc_blocks/--dec_blocks and the values of --likelihood
@@ -198,6 +198,9 @@ class Hyperparams:
     n_batch: int = _f(16, "training images per forward pass (per device)")
     grad_accum: int = _f(1, "forward/backward passes whose gradients are summed into one update (gradients are "
                          "synced across devices only on the last): global batch = n_batch x devices x grad_accum")
+    dist_timeout: int = _f(DIST_TIMEOUT_S, "under torchrun: seconds a process waits for the others in a collective of "
+                           f"the training loop before the job fails (the waits for rank 0's speed probe and a node's "
+                           f"download: {SOLO_WAIT_S // 3600} hours)")
     augment_shift: int = _f(0, "random translation by up to this many pixels as augmentation (0: none)")
     augment_flip: bool = _f(False, "mirror each training image left to right with probability 1/2")
     label_dropout: float = _f(0.0, "train on the null label (no class: an all-zero class vector) in place of each "
@@ -727,7 +730,7 @@ def validate(h: Hyperparams) -> None:
     if h.model not in MODELS:
         raise UserError(f"--model must be one of {', '.join(MODELS)}, got {h.model!r}")
     positive = ["width", "zdim", "conv_width", "made_hidden", "code_dim", "prior_channels", "prior_layers",
-                "num_mixtures", "n_batch", "grad_accum", "n_batch_eval",
+                "num_mixtures", "n_batch", "grad_accum", "n_batch_eval", "dist_timeout",
                 "num_epochs", "log_every", "save_every", "lr", "temperature", "bottleneck_multiple"]
     for name in positive:
         if not getattr(h, name) > 0:

@@ -48,7 +48,7 @@ def main(argv: list[str]) -> None:
         print(model_summary(h))
         print(activation_memory_line(h))
         return
-    dist, device = init_distributed(H.device)  # torchrun: one process per device; else one process
+    dist, device = init_distributed(H.device, H.dist_timeout)  # torchrun: one process per device; else one process
     completed = False
     try:
         with contextlib.ExitStack() as cleanup:  # the run folder's lock, released however train ends
@@ -173,7 +173,8 @@ def choose_speed(run: Run) -> None:
     total = run.stage_total(run.run_stages[0])
     if H.compile != "off":  # an earlier process of this run compiled: the probe and the run start warm
         load_compile_cache(run.run_dir, run.log.info)
-    settings = dist.broadcast(choose_speed_settings(H, run.device, total, log=run.log.info) if dist.main else None)
+    settings = dist.broadcast(choose_speed_settings(H, run.device, total, log=run.log.info) if dist.main else None,
+                              solo=True)  # the others wait for rank 0's probe, which may compile for minutes
     for name, value in settings.items():
         setattr(H, name, value)
 
@@ -490,7 +491,7 @@ def load_data_per_node(H: Hyperparams, dist: Dist) -> Data:
     it when needed, while the others wait at a barrier and then read what it wrote: one CIFAR download per
     node, not one per process, and one writer of ImageNet's caches."""
     data = load_data_for(H) if dist.local_rank == 0 else None
-    dist.barrier()
+    dist.barrier(solo=True)  # a download or conversion may take longer than a training collective may wait
     return data if data is not None else load_data_for(H)
 
 

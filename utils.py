@@ -249,32 +249,53 @@ def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
+SOLO_WAIT_S = 3 * 3600  # how long the other ranks wait while one works alone: see Dist.solo_group
+DIST_TIMEOUT_S = 1800  # --dist_timeout's default: a collective of the training loop (NCCL's own default is 600 s)
+
+
 class Dist:
     """Where this process stands in a torchrun job (rank 0 of 1 without torchrun)."""
 
     def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0):
         self.rank, self.world, self.local_rank = rank, world, local_rank
+        self._solo_group = None
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
-    def broadcast(self, value):
-        """Rank 0's ``value`` on every rank (any picklable object)."""
+    def solo_group(self):
+        """A gloo group whose collectives wait up to SOLO_WAIT_S, for the waits on work that one process does
+        alone while the others stand idle: rank 0's speed probe, which may compile the model cold (470 s for the
+        cifar10 blocks on a CPU), a node's first process downloading or converting a dataset, rank 0's closing
+        samples. In the default group they would fail at its timeout (NCCL's: 10 minutes). Created at first use,
+        which every rank reaches at the same collective."""
+        if self._solo_group is None:
+            import datetime
+
+            import torch.distributed as dist
+
+            self._solo_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=SOLO_WAIT_S))
+        return self._solo_group
+
+    def broadcast(self, value, solo: bool = False):
+        """Rank 0's ``value`` on every rank (any picklable object); ``solo``: rank 0 computes it alone first, so
+        the others wait in solo_group."""
         if self.world > 1:
             import torch.distributed as dist
 
             box = [value]
-            dist.broadcast_object_list(box, src=0)
+            dist.broadcast_object_list(box, src=0, group=self.solo_group() if solo else None)
             value = box[0]
         return value
 
-    def barrier(self) -> None:
-        """Wait until every rank reaches this point (a no-op in one process)."""
+    def barrier(self, solo: bool = False) -> None:
+        """Wait until every rank reaches this point (a no-op in one process); ``solo``: some rank works alone
+        before it, so the wait is solo_group's."""
         if self.world > 1:
             import torch.distributed as dist
 
-            dist.barrier()
+            dist.barrier(group=self.solo_group() if solo else None)
 
     def all_reduce(self, tensor, op: str = "sum"):
         """In-place sum or max over ranks (a no-op in one process)."""
@@ -285,9 +306,11 @@ class Dist:
         return tensor
 
 
-def init_distributed(device_name: str):
-    """torchrun's environment -> (Dist, device): NCCL with one GPU per process, gloo on the CPU. Without
-    torchrun (WORLD_SIZE unset or 1): one process on ``pick_device(device_name)``."""
+def init_distributed(device_name: str, timeout_s: float = DIST_TIMEOUT_S):
+    """torchrun's environment -> (Dist, device): NCCL with one GPU per process, gloo on the CPU, whose collectives
+    fail after ``timeout_s``. Without torchrun (WORLD_SIZE unset or 1): one process on ``pick_device(device_name)``."""
+    import datetime
+
     import torch
     import torch.distributed as dist
 
@@ -302,7 +325,7 @@ def init_distributed(device_name: str):
     if use_cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     global _JOINED_PROCESS_GROUP
     _JOINED_PROCESS_GROUP = True
     return Dist(rank, world, local_rank), device
@@ -316,7 +339,7 @@ def end_distributed(dist: Dist, completed: bool) -> None:
     import torch.distributed as torch_dist
 
     if dist.world > 1 and completed and torch_dist.is_initialized():
-        torch_dist.barrier()
+        dist.barrier(solo=True)
         torch_dist.destroy_process_group()
 
 

@@ -324,3 +324,26 @@ def test_a_torchrun_job_takes_one_lock_and_a_second_job_on_its_folder_is_refused
     finally:
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=120)
+
+
+def _train_with_a_slow_probe(rank: int, world: int, port: int, run_dir: str) -> None:
+    import train
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    real_probe = train.choose_speed_settings
+
+    def slow_probe(*args, **kwargs):  # stands in for a cold compile of a deep model: longer than --dist_timeout
+        time.sleep(12.0)
+        return real_probe(*args, **kwargs)
+
+    train.choose_speed_settings = slow_probe
+    train.main(tiny_cli_args(run_dir, n_batch=8, max_steps=2, eval_every=0, dist_timeout=4))
+
+
+def test_the_other_ranks_wait_out_a_speed_probe_longer_than_the_collective_timeout(tmp_path):
+    """Rank 0 probes (and may compile for minutes) while the others wait: that wait is not the training loop's
+    --dist_timeout (here 4 s, the probe 12 s), so the job starts and trains."""
+    mp.spawn(_train_with_a_slow_probe, args=(2, free_port(), str(tmp_path / "run")), nprocs=2)
+    assert torch.load(tmp_path / "run" / "latest.pt", weights_only=True)["step"] == 2
