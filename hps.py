@@ -742,6 +742,10 @@ def validate(h: Hyperparams) -> None:
         raise UserError(f"--likelihood must be one of {', '.join(LIKELIHOODS)}, got {h.likelihood!r}")
     if h.likelihood == "bernoulli" and h.pixel_levels != 2:
         raise UserError(f"--likelihood bernoulli models binary pixels: it needs --pixel_levels 2, got {h.pixel_levels}")
+    if h.lr_decay_start and h.lr_decay_start < h.warmup_iters:
+        raise UserError(f"--lr_decay_start {h.lr_decay_start} falls inside the warm-up (--warmup_iters "
+                        f"{h.warmup_iters}): start the decay at or after step {h.warmup_iters}, or give 0 (the "
+                        f"warm-up's end)")
     if h.vdvae_5bit and (h.pixel_levels != 32 or h.likelihood != "dmol"):
         raise UserError("--vdvae_5bit reproduces openai/vdvae's FFHQ-256 likelihood: it needs --pixel_levels 32 "
                         "and --likelihood dmol")
@@ -815,8 +819,21 @@ def validate(h: Hyperparams) -> None:
         skip_slots(h.dec_blocks)
     except ValueError as err:
         raise UserError(f"--dec_blocks: {err}") from None
+    if h.model == "vdvae":
+        check_decoder_resolutions(h.enc_blocks, h.dec_blocks)
     if h.enc_skips == "every":
         check_every_skip_layout(h.enc_blocks, h.dec_blocks)
+
+
+def check_decoder_resolutions(enc_blocks: str, dec_blocks: str) -> None:
+    """Each decoder block reads the encoder's activations at its resolution: a resolution the encoder never
+    reaches is a one-line error naming it and the encoder's."""
+    enc = {res for res, _ in parse_layer_string(enc_blocks)}
+    missing = sorted({res for res, _ in parse_layer_string(dec_blocks)} - enc)
+    if missing:
+        raise UserError(f"--dec_blocks has blocks at {', '.join(f'{r}x{r}' for r in missing)}, a resolution "
+                        f"--enc_blocks never reaches (the decoder reads the encoder's activations at each of its "
+                        f"resolutions); the encoder's are {', '.join(f'{r}x{r}' for r in sorted(enc, reverse=True))}")
 
 
 def check_every_skip_layout(enc_blocks: str, dec_blocks: str) -> None:

@@ -212,7 +212,7 @@ def train_stages(run: Run) -> tuple[Trainer, float]:
     H, dist, state = run.H, run.dist, run.state
     start, seconds = run.start, 0.0
     for n, stage in enumerate(run.run_stages):
-        trainer = Trainer(H, run.device, dist=dist, stage=stage)
+        trainer = Trainer(H, run.device, dist=dist, stage=stage, stage_steps=run.stage_total(stage))
         begin_stage(run, trainer, start, first=n == 0)
         seconds += run_steps(run, trainer, state.stage_end)
         path = save(run, trainer)

@@ -25,8 +25,8 @@ from data import binarize, drop_labels, random_flip, random_shift
 from hps import MODEL_FIELDS, Hyperparams
 from models import build_model, checkpoint_from_openai, is_openai_checkpoint
 from optimizers import make_optimizer, skips_on_device
-from utils import (Dist, UserError, autocast, device_rng_state, resolve_channels_last, resolve_precision,
-                   saved_device_rng_state, set_device_rng_state)
+from utils import (Dist, UserError, autocast, device_rng_state, raise_recompile_limit, resolve_channels_last,
+                   resolve_precision, saved_device_rng_state, set_device_rng_state)
 
 # what every family's forward returns besides its own figures (the vqvae's codebook perplexity and so on)
 LOSS_KEYS = ("loss_nats", "loss", "recon", "kl")
@@ -156,7 +156,9 @@ class Trainer:
     in one stage; the vqvae trains its autoencoder, then its prior (``stage``), each with a Trainer of its own."""
 
     def __init__(self, H: Hyperparams, device: torch.device, fused: bool | None = None, dist: Dist | None = None,
-                 stage: str | None = None, compile_mode: str | None = "auto"):
+                 stage: str | None = None, compile_mode: str | None = "auto", stage_steps: float | None = None):
+        """``stage_steps``: the steps the stage trains, which the learning-rate schedule spans (train.py's: the
+        stage's budget, or fewer where --num_epochs ends it first); None: the budget."""
         self.H, self.device, self.dist = H, device, dist or Dist()
         if device.type == "cuda":  # TF32 for what stays fp32; fixed shapes let cuDNN pick its fastest kernels
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -177,7 +179,8 @@ class Trainer:
         # the EMA follows the trained parameters; the frozen ones equal their EMA (a stage starts from it)
         self.ema_pairs = ([ema_params[n] for n, p in self.model.named_parameters() if id(p) in trained_ids],
                           self.trained)
-        self.stage_steps, stage_lr, stage_wd = stage_budget(H, self.model.stages.index(self.stage))
+        budget, stage_lr, stage_wd = stage_budget(H, self.model.stages.index(self.stage))
+        self.stage_steps = budget if stage_steps is None else stage_steps
         # DDP and the compiled wrapper only run the forward pass; checkpoints hold self.model's plain weights
         self.ddp = None
         if self.dist.world > 1:  # gradients are averaged over ranks in the backward pass
@@ -229,7 +232,7 @@ class Trainer:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
         # each distinct block shape (five resolutions, train and eval) is one compiled entry of the block's code;
         # past dynamo's default limit of 8 the rest would silently run eager
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        raise_recompile_limit(64)
         self.compile_mode = mode
         if self.model.compile_regions(mode=mode, dynamic=False):
             return wrapped
@@ -355,6 +358,9 @@ def load_compile_cache(run_dir: Path, log) -> bool:
     path = run_dir / COMPILE_CACHE
     if not path.exists():
         return False
+    if not hasattr(torch.compiler, "load_cache_artifacts"):  # torch's "mega-cache" arrived in 2.7
+        log(f"compile cache {path} not used: torch {torch.__version__} cannot load one; compiling afresh")
+        return False
     try:
         torch.compiler.load_cache_artifacts(path.read_bytes())
     except Exception as err:  # noqa: BLE001 - a stale cache only costs a cold compile
@@ -366,8 +372,9 @@ def load_compile_cache(run_dir: Path, log) -> bool:
 
 def save_compile_cache(run_dir: Path) -> None:
     """Write what torch.compile has compiled in this process (inductor's and autograd's cached graphs and kernels)
-    to the run folder, atomically; nothing when there is nothing or it cannot be written."""
-    saved = torch.compiler.save_cache_artifacts()
+    to the run folder, atomically; nothing when there is nothing, it cannot be written, or this torch (before 2.7)
+    has no such cache."""
+    saved = torch.compiler.save_cache_artifacts() if hasattr(torch.compiler, "save_cache_artifacts") else None
     if not saved:
         return
     path = run_dir / COMPILE_CACHE

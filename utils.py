@@ -253,6 +253,16 @@ SOLO_WAIT_S = 3 * 3600  # how long the other ranks wait while one works alone: s
 DIST_TIMEOUT_S = 1800  # --dist_timeout's default: a collective of the training loop (NCCL's own default is 600 s)
 
 
+def raise_recompile_limit(limit: int) -> None:
+    """Let dynamo keep at least ``limit`` compiled entries of one function before it falls back to eager
+    (its ``recompile_limit``, which older torch releases call ``cache_size_limit``)."""
+    import torch
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), limit))
+
+
 class Dist:
     """Where this process stands in a torchrun job (rank 0 of 1 without torchrun)."""
 

@@ -226,3 +226,36 @@ def test_summary_prints_the_activation_memory_per_image():
     line = next(ln for ln in result.stdout.splitlines() if ln.startswith("activation memory per image:"))
     mb = float(line.split(":")[1].split("MB")[0])
     assert mb > 0
+
+
+def test_the_cosine_spans_the_stage_that_num_epochs_ends_first(tmp_path):
+    """--num_epochs 1 ends the stage long before --max_steps: the cosine reaches --lr_min at that real end (it
+    spanned max_steps, and so barely decayed)."""
+    import json
+
+    import train
+    from conftest import tiny_cli_args
+
+    run_dir = tmp_path / "run"
+    train.main(tiny_cli_args(run_dir, max_steps=100_000, num_epochs=1, lr_decay="cosine", lr=1e-3, lr_min=1e-5,
+                             warmup_iters=0, log_every=40, eval_every=0, save_every=1000))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr"] for r in records if r["kind"] == "train"}
+    last = max(lrs)  # one epoch of 16-image batches
+    assert last == 80 and lrs[last] == pytest.approx(1e-5)
+    assert lrs[40] == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5, rel=1e-6)  # half-way down the half cosine
+
+
+def test_compile_cache_calls_are_skipped_on_a_torch_without_them(tmp_path, monkeypatch):
+    """torch.compiler's cache artifacts arrived in torch 2.7; requirements.txt admits 2.4, so their absence costs a
+    log line and a cold compile, never an AttributeError."""
+    from trainer import COMPILE_CACHE, load_compile_cache, save_compile_cache
+
+    (tmp_path / COMPILE_CACHE).write_bytes(b"artifacts of another process")
+    monkeypatch.delattr(torch.compiler, "load_cache_artifacts")
+    monkeypatch.delattr(torch.compiler, "save_cache_artifacts")
+    lines: list[str] = []
+    assert load_compile_cache(tmp_path, lines.append) is False
+    assert len(lines) == 1 and "cannot load one; compiling afresh" in lines[0]
+    save_compile_cache(tmp_path)
+    assert (tmp_path / COMPILE_CACHE).read_bytes() == b"artifacts of another process"
