@@ -198,6 +198,9 @@ class Hyperparams:
     n_batch: int = _f(16, "training images per forward pass (per device)")
     grad_accum: int = _f(1, "forward/backward passes whose gradients are summed into one update (gradients are "
                          "synced across devices only on the last): global batch = n_batch x devices x grad_accum")
+    global_batch: int = _f(32, "images per update, the paper's for its presets: grad_accum follows from it, "
+                           "--n_batch and the process count (and --n_batch shrinks where the processes split it "
+                           "finer); 0: n_batch x processes x grad_accum as given")
     dist_timeout: int = _f(DIST_TIMEOUT_S, "under torchrun: seconds a process waits for the others in a collective of "
                            f"the training loop before the job fails (the waits for rank 0's speed probe and a node's "
                            f"download: {SOLO_WAIT_S // 3600} hours)")
@@ -351,7 +354,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_mixtures=10, no_bias_above=64,
         lr=2e-4, wd=0.01, adam_beta1=0.9, adam_beta2=0.9, warmup_iters=100, lr_decay="none",  # then constant
         grad_clip=200.0, skip_threshold="auto", skip_threshold_start=400.0, ema_rate=0.9999, n_batch=16,
-        max_steps=1_000_000,  # the paper's budget: 2.87 bits/dim after about a million steps of 16 (x 2 GPUs)
+        global_batch=32,  # the paper's: 16 per GPU on 2 GPUs (one GPU accumulates 2 passes of 16)
+        max_steps=1_000_000,  # the paper's budget: 2.87 bits/dim after about a million steps of 32
     ),
     # scikit-learn's bundled 8x8 digits, modelled at their native 17 grey levels: under 10 CPU minutes.
     # The input shift and scale are the digits' mean and standard deviation on the 0..255 scale.
@@ -359,7 +363,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         dataset="digits", pixel_levels=17, data_shift=-78.0, data_scale=1.0 / 96.0, n_classes=10,
         width=64, enc_blocks="8x2,8d2,4x3,4d4,1x1", dec_blocks="1x1,4m1,4x5,8m4,8x1", zdim=16,
         num_mixtures=5, lr=2e-3, wd=0.05, warmup_iters=100, lr_decay="cosine", grad_clip=200.0,
-        skip_threshold=-1.0, ema_rate=0.998, n_batch=64, max_steps=2500, eval_every=500, save_every=500,
+        skip_threshold=-1.0, ema_rate=0.998, n_batch=64, global_batch=0, max_steps=2500, eval_every=500, save_every=500,
         log_every=50, n_batch_eval=360, temperature=1.0,
         grad_checkpoint="none",  # 8x8 activations are tiny; recomputing GELUs costs ~30% of a step here
         # --model cvae/vlae: 16 channels (74k parameters for the cvae); 64 overfits these 1,293 images
@@ -379,6 +383,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         dataset="mnist", n_classes=10, data_shift=-33.33, data_scale=1.0 / 78.57,
         width=128, zdim=16, num_mixtures=5, enc_blocks="32x3,32d2,16x3,16d2,8x3,8d2,4x3,4d4,1x2",
         dec_blocks="1x1,4m1,4x2,8m4,8x3,16m8,16x3,32m16,32x3", lr=5e-4, n_batch=32, ema_rate=0.999,
+        global_batch=0,  # no paper's batch: --n_batch x processes x --grad_accum
         eval_every=2000, save_every=2000,
         max_steps=300_000,  # no published budget: 300k steps of 32 are about 160 passes over the 60,000 digits
     ),
@@ -389,7 +394,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cifar10_vqvae": dict(
         base="cifar10", model="vqvae", width=128, conv_width=64, codebook_size=128, code_dim=256, prior_channels=64,
         prior_layers=12,
-        lr=1e-3, adam_beta2=0.999, wd=0.0, n_batch=128, skip_threshold=-1.0, ema_rate=0.999, max_steps=250000,
+        lr=1e-3, adam_beta2=0.999, wd=0.0, n_batch=128, global_batch=128, skip_threshold=-1.0, ema_rate=0.999,
+        max_steps=250000,
         prior_steps=250000, n_batch_eval=256,
     ),
     # CIFAR-10's architecture and optimiser on CIFAR-100's 100 classes. Shift and scale from CIFAR-100's
@@ -405,6 +411,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         dataset="celeba64", n_classes=40, data_shift=-112.3, data_scale=1.0 / 77.0, width=256,
         enc_blocks="64x3,64d2,32x6,32d2,16x6,16d2,8x6,8d2,4x3,4d4,1x3",
         dec_blocks="1x1,4m1,4x2,8m4,8x5,16m8,16x8,32m16,32x12,64m32,64x4", n_batch=16, ema_rate=0.999,
+        global_batch=0,  # no paper's batch: --n_batch x processes x --grad_accum
         max_steps=1_000_000,  # no published budget: cifar10's, for 162,770 images at 64x64 in batches of 16
     ),
     # openai/vdvae's ImageNet-32 model (3.80 bits/dim), class-conditional over the 1,000 classes. As in its hps.py,
@@ -415,6 +422,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         enc_blocks="32x15,32d2,16x9,16d2,8x8,8d2,4x6,4d4,1x6", dec_blocks="1x2,4m1,4x4,8m4,8x9,16m8,16x19,32m16,32x40",
         n_batch=8, lr=1.5e-4, ema_rate=0.999, grad_clip=200.0, skip_threshold="auto",
         skip_threshold_start=300.0,
+        global_batch=256,  # openai/vdvae's: 8 per GPU on 32 GPUs
         max_steps=1_700_000,  # openai/vdvae's budget for it
     ),
     # openai/vdvae's ImageNet-64 model (3.52 bits/dim): imagenet32's classes, scale, width and optimiser.
@@ -423,6 +431,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         enc_blocks="64x11,64d2,32x20,32d2,16x9,16d2,8x8,8d2,4x7,4d4,1x5",
         dec_blocks="1x2,4m1,4x3,8m4,8x7,16m8,16x15,32m16,32x31,64m32,64x12",
         n_batch=4, grad_clip=220.0, skip_threshold="auto", skip_threshold_start=380.0,
+        global_batch=128,  # openai/vdvae's: 4 per GPU on 32 GPUs
         n_batch_eval=32, max_steps=1_600_000,  # openai/vdvae's budget for it
     ),
     # openai/vdvae's FFHQ-256 model (0.61 bits/dim), unconditional, at 5 bits per channel (32 levels); imagenet64's
@@ -433,6 +442,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         enc_blocks="256x3,256d2,128x8,128d2,64x12,64d2,32x17,32d2,16x7,16d2,8x5,8d2,4x5,4d4,1x4",
         dec_blocks="1x2,4m1,4x3,8m4,8x4,16m8,16x9,32m16,32x21,64m32,64x13,128m64,128x7,256m128",
         n_batch=1, grad_clip=130.0, skip_threshold="auto", skip_threshold_start=180.0,
+        global_batch=32,  # openai/vdvae's: 1 per GPU on 32 GPUs (ffhq1024 too)
         n_batch_eval=8,  # evaluation holds no gradients, but 64 images at 256x256 would need some 17 GB
         max_steps=1_700_000,  # openai/vdvae's budget for it, and (inherited) for ffhq1024
     ),
@@ -481,7 +491,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         kl_warmup_start=21, kl_warmup_steps=5000, kl_balance_steps=10_000,
         ema_rate=0.9999,  # ema_decay = 0.9999
         # [train] batch_size = 32, global over num_gpus = 2: 32 on one device (with torchrun over 2, --n_batch 16)
-        n_batch=32, max_steps=800_000,  # total_train_steps = 800000
+        n_batch=32, global_batch=32, max_steps=800_000,  # total_train_steps = 800000
     ),
     # egs/cifar10_C1.cfg ("incfilters"): narrow high resolutions with wide bottlenecks, on one GPU.
     "cifar10_efficient_c1": dict(
@@ -505,7 +515,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         dec_blocks="1x6,4m1,4x6,8m4,8s10,8x8,16m8,16s15,16x9,32m16,32x15",
         zdim=32,  # down_latent_variates = [32] * 48
         wd=0.0,  # use_weight_decay = False
-        n_batch=64,  # batch_size = 64, global over num_gpus = 2
+        n_batch=64, global_batch=64,  # batch_size = 64, global over num_gpus = 2
     ),
     # egs/imagenet32_C1.cfg
     "imagenet32_efficient_c1": dict(
@@ -523,7 +533,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         enc_blocks="64x4,64d2,32x15,32d2,16x9,16d2,8x8,8d2,4x6,4d4,1x6",
         # down_n_blocks_per_res: 10 extra blocks on the first 8x8 level, 15 on the first 16x16, 6 on the first 64x64
         dec_blocks="1x6,4m1,4x6,8m4,8s10,8x8,16m8,16s15,16x9,32m16,32x15,64m32,64s6,64x4",
-        n_batch=32, n_batch_eval=32,  # batch_size = 32, global over num_gpus = 4
+        n_batch=32, global_batch=32, n_batch_eval=32,  # batch_size = 32, global over num_gpus = 4
     ),
     # egs/imagenet64_C1.cfg
     "imagenet64_efficient_c1": dict(
@@ -540,6 +550,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         dataset="folder", n_classes=-1, data_shift=-127.5, data_scale=1.0 / 64.0, width=256,
         enc_blocks="64x3,64d2,32x4,32d2,16x4,16d2,8x4,8d2,4x3,4d4,1x2",
         dec_blocks="1x1,4m1,4x2,8m4,8x3,16m8,16x4,32m16,32x6,64m32,64x3", n_batch=16, ema_rate=0.999,
+        global_batch=0,  # no paper's batch: --n_batch x processes x --grad_accum
         max_steps=500_000,  # no published budget: half of cifar10's, for a smaller model; set it for the folder's size
     ),
 }
@@ -683,6 +694,33 @@ def fill_derived(H: Hyperparams, image_size: int, channels: int, multi_label: bo
         raise UserError(f"--dec_blocks must end at the image size {H.image_size}, ends at {top_res}")
 
 
+def resolve_global_batch(H: Hyperparams, world: int, given: frozenset[str] = frozenset()) -> str:
+    """Fit --grad_accum (and --n_batch, when the processes split the global batch finer than it) to --global_batch
+    over ``world`` processes, in place; ``given``: the fields the command line set, which are never changed. Returns
+    how the global batch is reached, for the log ("" when --global_batch is 0)."""
+    G = H.global_batch
+    if G <= 0:
+        return ""
+    if G % world:
+        raise UserError(f"--global_batch {G} does not split evenly over {world} processes: give a multiple of {world}, "
+                        f"or --global_batch 0 for n_batch x processes x grad_accum")
+    share = G // world
+    if "grad_accum" in given:
+        if H.n_batch * H.grad_accum != share:
+            raise UserError(f"--n_batch {H.n_batch} x {world} processes x --grad_accum {H.grad_accum} is not "
+                            f"--global_batch {G}: leave --grad_accum out to fit it, or give --global_batch 0")
+    elif share < H.n_batch and "n_batch" not in given:
+        H.n_batch, H.grad_accum = share, 1
+    elif share % H.n_batch:
+        raise UserError(f"--global_batch {G} gives each of {world} processes {share} images, which passes of "
+                        f"--n_batch {H.n_batch} cannot make: give an --n_batch that divides {share}, or "
+                        f"--global_batch 0")
+    else:
+        H.grad_accum = share // H.n_batch
+    how = (f"{H.grad_accum} accumulated passes of {H.n_batch}" if H.grad_accum > 1 else f"one pass of {H.n_batch}")
+    return f"--global_batch {G}: {how} on each of {world} processes" if world > 1 else f"--global_batch {G}: {how}"
+
+
 def hparams_without_data(H: Hyperparams, purpose: str = "--summary") -> Hyperparams:
     """A copy of ``H`` with the fields the data decides filled from DATASET_SHAPES, for code that builds a model
     without reading data; ``purpose`` names that code in the error when the class count is the data's."""
@@ -735,6 +773,8 @@ def validate(h: Hyperparams) -> None:
     for name in positive:
         if not getattr(h, name) > 0:
             raise UserError(f"--{name} must be > 0, got {getattr(h, name)}")
+    if h.global_batch < 0:
+        raise UserError(f"--global_batch must be >= 0 (0: n_batch x processes x grad_accum), got {h.global_batch}")
     if h.n_classes < -1:
         raise UserError(f"--n_classes must be -1 (the dataset's), 0 (unconditional) or the dataset's count, got "
                         f"{h.n_classes}")

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from checkpoint import RunFolderLock, atomic_torch_save, keep_copy, keep_stage_copy, remove_stale_temporaries
 from data import Data, Split, epoch_batches, load_data_for
-from hps import FAMILY_STAGES, Hyperparams, fill_derived, hparams_without_data, parse_args
+from hps import FAMILY_STAGES, Hyperparams, fill_derived, hparams_without_data, parse_args, resolve_global_batch
 from images import crop_padding, save_grid
 from models import build_model, is_openai_checkpoint, model_summary, require_2d_latent
 from runlog import LatentTrajectory, NullLogger, RunLogger, read_metrics, tensorboard_writer
@@ -90,6 +90,7 @@ class Run:
     warnings: list[str]
     state: RunState
     given: frozenset[str] = frozenset()  # the fields the command line set
+    batch_plan: str = ""  # how --global_batch is reached here (hps.resolve_global_batch)
     log: RunLogger | NullLogger = field(default_factory=NullLogger)
     trajectory: LatentTrajectory | None = None  # --track_latents (rank 0)
     tracked: tuple[torch.Tensor, torch.Tensor, list[int]] | None = None  # its fixed test images
@@ -124,6 +125,7 @@ def prepare_run(H: Hyperparams, dist: Dist, device: torch.device, given: frozens
     np.random.seed(H.seed)
     data = load_data_per_node(H, dist)  # binarized held-out splits for --likelihood bernoulli
     fill_derived(H, data.image_size, data.channels, data.multi_label, len(data.class_names))
+    batch_plan = resolve_global_batch(H, dist.world, given)  # the preset's paper batch on this many processes
     global_batch = H.n_batch * dist.world * H.grad_accum
     if len(data.train) < global_batch:
         raise UserError(f"the global batch (--n_batch {H.n_batch} x {dist.world} processes x --grad_accum "
@@ -139,7 +141,7 @@ def prepare_run(H: Hyperparams, dist: Dist, device: torch.device, given: frozens
     stages = FAMILY_STAGES[H.model]
     run_stages, start = plan_stages(H, stages, resume)
     state = RunState(attribute_means=data.train.labels.float().mean(0).tolist() if data.multi_label else None)
-    return Run(H, dist, device, data, run_dir, resume, stages, run_stages, start, warnings, state, given,
+    return Run(H, dist, device, data, run_dir, resume, stages, run_stages, start, warnings, state, given, batch_plan,
                train_images=on_device_if_small(data.train, device))
 
 
@@ -255,7 +257,7 @@ def log_run_header(run: Run, trainer: Trainer) -> None:
     H, dist, data, log = run.H, run.dist, run.data, run.log
     n_params = count_parameters(trainer.model)
     log.info(f"processes {dist.world} | global batch {run.global_batch} (n_batch {H.n_batch} x {dist.world} "
-             f"processes x grad_accum {H.grad_accum})")
+             f"processes x grad_accum {H.grad_accum})" + (f" | {run.batch_plan}" if run.batch_plan else ""))
     log.info(f"run folder {run.run_dir} | device {run.device} | dataset {H.dataset}: {len(data.train)} train, "
              f"{len(data.valid)} valid, {len(data.test)} test, {len(data.class_names)} classes")
     log.info(f"model parameters: {n_params:,} ({n_params}) | conditional: {run.conditional}")

@@ -44,19 +44,24 @@ def memory_figures(name: str, memory_gb: float) -> dict:
     state = params * STATE_BYTES_PER_PARAMETER
     per_image = {mode: activation_bytes_per_image(H, mode) for mode in MODES}
     room = MEMORY_HEADROOM * memory_gb * 2**30 - state
-    return {"preset": name, "model": H.model, "params": params, "n_batch": H.n_batch, "max_steps": H.max_steps,
+    return {"preset": name, "model": H.model, "params": params, "n_batch": H.n_batch,
+            "global_batch": H.global_batch or H.n_batch, "max_steps": H.max_steps,
             "activation_mb_per_image": {m: round(b / 2**20, 1) for m, b in per_image.items()},
             "gb_at_batch": round((state + per_image["none"] * H.n_batch) / 2**30, 2),
             "largest_batch": {m: max(0, int(room // b)) for m, b in per_image.items()}}
 
 
 def measured_speed(name: str, steps: int) -> dict:
-    """Training steps per second at the preset's batch on this machine (fp32, contiguous, nothing recomputed)."""
+    """Training passes per second at the preset's --n_batch on this machine (fp32, contiguous, nothing recomputed),
+    its images per second, and the days its budget takes at the paper's global batch (the preset's --global_batch,
+    which one machine reaches by accumulating passes)."""
     H = preset_hparams(name)
     seconds, _ = time_candidate(H, torch.device("cpu"), PLAIN, steps=steps, warmup=1)
     rate = 1.0 / seconds
-    return {"steps_per_s": round(rate, 4), "img_per_s": round(rate * H.n_batch, 2),
-            "days_to_budget": round(H.max_steps / rate / 86400, 3) if H.max_steps else None}
+    img_per_s = rate * H.n_batch
+    images = H.max_steps * (H.global_batch or H.n_batch)
+    return {"steps_per_s": round(rate, 4), "img_per_s": round(img_per_s, 2),
+            "days_to_budget": round(images / img_per_s / 86400, 3) if H.max_steps else None}
 
 
 def main(argv: list[str]) -> None:
@@ -76,14 +81,14 @@ def main(argv: list[str]) -> None:
         raise UserError("--steps must be >= 1 and --memory_gb > 0")
     rows = [memory_figures(n, args.memory_gb) for n in names]
     speeds = {n: measured_speed(n, args.steps) for n in measured}
-    print(f"| preset | family | parameters | batch | activations MB/image (none / gelu / blocks) | GB at its batch | "
+    print(f"| preset | family | parameters | batch (global) | activations MB/image (none / gelu / blocks) | GB at its batch | "
           f"largest batch in {args.memory_gb:g} GB (none / blocks) | budget (steps) | here: steps/s | days to budget |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         a, b = r["activation_mb_per_image"], r["largest_batch"]
         s = speeds.get(r["preset"], {})
-        print(f"| {r['preset']} | {r['model']} | {r['params']:,} | {r['n_batch']} | {a['none']} / {a['gelu']} / "
-              f"{a['blocks']} | {r['gb_at_batch']} | {b['none']} / {b['blocks']} | {r['max_steps']:,} | "
+        print(f"| {r['preset']} | {r['model']} | {r['params']:,} | {r['n_batch']} ({r['global_batch']}) | "
+              f"{a['none']} / {a['gelu']} / {a['blocks']} | {r['gb_at_batch']} | {b['none']} / {b['blocks']} | {r['max_steps']:,} | "
               f"{s.get('steps_per_s', '')} | {s.get('days_to_budget', '')} |")
     print(json.dumps({"machine": machine_description(torch.device("cpu")), "memory_gb": args.memory_gb,
                       "presets": rows, "measured": speeds}))

@@ -43,6 +43,9 @@ def test_the_table_counts_parameters_memory_and_days(capsys):
     speed = report["measured"]["digits"]
     assert speed["img_per_s"] == pytest.approx(speed["steps_per_s"] * 64, rel=1e-3)
     assert speed["days_to_budget"] == pytest.approx(2500 / speed["steps_per_s"] / 86400, abs=0.06)
+    # a preset's budget is priced at its paper's global batch: cifar10's 32, two passes of its --n_batch 16 here
+    assert (digits["global_batch"], cifar10["n_batch"], cifar10["global_batch"]) == (64, 16, 32)
+    assert "| cifar10 | vdvae | 39,149,540 | 16 (32) |" in out[3]
 
 
 def test_an_unknown_preset_is_one_line():

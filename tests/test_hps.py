@@ -194,3 +194,49 @@ def test_bernoulli_implies_binary_pixels_unless_told_otherwise():
     assert hparams_from_preset("digits", {"likelihood": "bernoulli"}).pixel_levels == 2
     with pytest.raises(UserError, match="needs --pixel_levels 2"):
         hparams_from_preset("digits", {"likelihood": "bernoulli", "pixel_levels": 17})
+
+
+@pytest.mark.parametrize("preset,world,given,expected", [
+    ("cifar10", 1, {}, (16, 2, "--global_batch 32: 2 accumulated passes of 16")),  # the paper's 2 GPUs x 16
+    ("cifar10", 2, {}, (16, 1, "--global_batch 32: one pass of 16 on each of 2 processes")),
+    ("cifar10", 4, {}, (8, 1, "--global_batch 32: one pass of 8 on each of 4 processes")),
+    ("cifar10", 1, {"n_batch": 32}, (32, 1, "--global_batch 32: one pass of 32")),  # a larger batch on one card
+    ("imagenet32", 1, {}, (8, 32, "--global_batch 256: 32 accumulated passes of 8")),  # openai's 32 GPUs x 8
+    ("imagenet64", 32, {}, (4, 1, "--global_batch 128: one pass of 4 on each of 32 processes")),
+    ("ffhq256", 8, {}, (1, 4, "--global_batch 32: 4 accumulated passes of 1 on each of 8 processes")),
+    ("cifar10", 1, {"global_batch": 0, "grad_accum": 3}, (16, 3, "")),
+    ("cifar10", 1, {"grad_accum": 2}, (16, 2, "--global_batch 32: 2 accumulated passes of 16")),
+])
+def test_a_presets_global_batch_is_reached_by_accumulation_or_split(preset, world, given, expected):
+    from hps import resolve_global_batch
+
+    H = hparams_from_preset(preset, given)
+    note = resolve_global_batch(H, world, frozenset(given))
+    assert (H.n_batch, H.grad_accum, note) == expected
+    assert H.global_batch in (0, H.n_batch * world * H.grad_accum)
+
+
+@pytest.mark.parametrize("preset,world,given,message", [
+    ("cifar10", 3, {}, "--global_batch 32 does not split evenly over 3 processes"),
+    ("cifar10", 1, {"n_batch": 12}, "which passes of --n_batch 12 cannot make"),
+    ("cifar10", 1, {"n_batch": 64}, "which passes of --n_batch 64 cannot make"),
+    ("cifar10", 1, {"grad_accum": 4}, "is not --global_batch 32: leave --grad_accum out"),
+])
+def test_a_global_batch_that_cannot_be_reached_is_one_line(preset, world, given, message):
+    from hps import resolve_global_batch
+
+    with pytest.raises(UserError, match=message):
+        resolve_global_batch(hparams_from_preset(preset, given), world, frozenset(given))
+
+
+def test_the_run_log_says_how_the_global_batch_is_reached(tmp_path):
+    import train
+    from conftest import tiny_cli_args
+
+    import torch
+
+    train.main(tiny_cli_args(tmp_path / "run", max_steps=1, eval_every=0, global_batch=32))
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "global batch 32 (n_batch 16 x 1 processes x grad_accum 2) | --global_batch 32: 2 accumulated passes " \
+           "of 16" in log
+    assert torch.load(tmp_path / "run" / "latest.pt", weights_only=True)["global_batch"] == 32

@@ -51,7 +51,7 @@ for _name, (_write, _size) in {"cifar10_efficient": (DATASETS["cifar10"][0], 32)
 def tiny_args(preset: str, root, run_dir, size: int, **overrides) -> list[str]:
     values = {"data_root": root, "save_dir": run_dir, "width": 8, "zdim": 2, "max_steps": 2, "n_batch": 2,
               "n_batch_eval": 8, "eval_every": 0, "log_every": 1, "warmup_iters": 1, "num_mixtures": 2,
-              "grad_checkpoint": "none", **TINY_AT[size], **overrides}
+              "grad_checkpoint": "none", "global_batch": 0, **TINY_AT[size], **overrides}
     return ["--hps", preset, *[a for k, v in values.items() for a in (f"--{k}", str(v))]]
 
 
