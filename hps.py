@@ -142,7 +142,7 @@ class Hyperparams:
     enc_skips: str = _f("last", "which encoder activation each vdvae decoder block reads: last (openai/vdvae: the "
                         "last block's at its resolution) or every (Efficient-VDVAE: a skip from every encoder block, "
                         "the decoder's blocks at a resolution taking the encoder's in reverse order; a decoder item "
-                        "RsN is N blocks that read one skip; see README, Efficient-VDVAE)", model=True)
+                        "RsN is N blocks that read one skip; see docs/efficient_vdvae.md)", model=True)
     latent_std: str = _f("exp", "the vdvae's latent standard deviations from their network outputs: exp (openai/vdvae, "
                          "the outputs are log sigma) or softplus (Efficient-VDVAE's gradient smoothing: sigma = "
                          "softplus(ln2 x) / ln2, 1 at x = 0 as exp, but linear rather than exponential in large x)",

@@ -1,5 +1,7 @@
 """Sample and explore a trained class-conditional VDVAE (EMA weights by default).
 
+    python sample.py           # 10 samples of each class into samples.png, from ./weights.pt when the current
+                               # folder has one, else from weights/digits.safetensors
     python sample.py --weights weights/digits --classes 3,7 --n 10 --out digits.png   # grid, the default mode
     python sample.py recon   --weights weights/digits --n 8 --out recon.png
     python sample.py interp  --weights weights/digits --images 3,17 --out interp.png   # also writes interp.gif
@@ -39,7 +41,7 @@ import torch
 from models import (HUB_WEIGHTS, export_folder, export_safetensors, load_model, local_weights, model_summary,
                     write_model_card)
 from sampling import MODES, RUNNERS, Session, build_parser, check_outputs, run_grid
-from utils import UserError, run_cli
+from utils import UserError, resolve_weights_flag, run_cli
 from vae import count_parameters
 
 
@@ -70,6 +72,7 @@ def main(argv: list[str]) -> None:
     if not argv or (argv[0] not in MODES and argv[0] not in ("-h", "--help")):
         argv = ["grid", *argv]  # no mode: the grid
     args = build_parser(__doc__).parse_args(argv)
+    resolve_weights_flag(args)  # no --weights: ./weights.pt when here, else the shipped model (one line says which)
     if args.mode == "grid" and args.card and not args.export:
         raise UserError("--card goes with --export DIR: the folder to write")
     if args.mode == "grid" and args.export and args.card and args.export.endswith(".safetensors"):

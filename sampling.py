@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -107,16 +109,134 @@ def check_output_size(n: int, nrow: int, image_shape: tuple[int, ...], suffix: s
                             f"{MAX_PICTURE_SIDE:,}: ask for fewer with --n, or write arrays with --out x.npz")
 
 
+COMPILE_CHOICES = ("auto", "on", "off")  # sample.py grid --compile
+
+
 def sample_batched(model: nn.Module, n: int, labels: torch.Tensor | None, temperature, n_batch: int,
-                   amp_dtype, guidance: float = 0.0) -> torch.Tensor:
-    """``n`` samples drawn ``n_batch`` at a time (uint8, on the CPU), guided by ``guidance`` when > 0."""
-    chunks = []
+                   amp_dtype, guidance: float = 0.0, compile: str = "off") -> torch.Tensor:
+    """``n`` samples drawn ``n_batch`` at a time (uint8, on the CPU), guided by ``guidance`` when > 0.
+
+    ``compile`` (sample.py grid --compile): "off" draws eager; "on" draws every batch with the model's regions
+    compiled at one fixed batch (CompiledSampler); "auto" draws the first batch eager and compiles for the rest
+    only where that pays (compile_pays: on CUDA, for a long request). The same seed gives the same images in
+    every case, up to float rounding."""
+    device = next(model.parameters()).device
+    batch = min(n_batch, n)  # one request, one batch size: a short request is drawn in one pass, unpadded
+    compiled = CompiledSampler(model, batch, temperature, guidance, device) if compile == "on" else None
     extra = {"guidance": guidance} if guidance > 0 else {}  # 0: the plain prior, exactly as without the flag
-    with autocast(next(model.parameters()).device, amp_dtype):
-        for start in range(0, n, n_batch):
-            chunk_labels = labels[start:start + n_batch] if labels is not None else None
-            chunks.append(model.sample(min(n_batch, n - start), chunk_labels, temperature, **extra).cpu())
+    chunks = []
+    with autocast(device, amp_dtype):
+        for start in range(0, n, batch):
+            count = min(batch, n - start)
+            chunk_labels = labels[start:start + count] if labels is not None else None
+            t0 = time.perf_counter()
+            if compiled is not None:
+                chunks.append(compiled(count, chunk_labels))
+            else:  # .cpu() waits for the device: t0 to now is the batch's time
+                chunks.append(model.sample(count, chunk_labels, temperature, **extra).cpu())
+            if compile == "auto" and start == 0 and compile_pays(model, device, time.perf_counter() - t0,
+                                                                 -(-n // batch) - 1):
+                compiled = CompiledSampler(model, batch, temperature, guidance, device)
     return torch.cat(chunks)
+
+
+def compile_pays(model: nn.Module, device: torch.device, batch_s: float, batches_left: int) -> bool:
+    """--compile auto, after the first batch (drawn eager in ``batch_s`` seconds): whether to compile for the
+    ``batches_left`` still to draw. Only on CUDA, for a family whose regions compile, and only when the rest would
+    take longer eager than a cold compile of the training step is expected to cost (speed.COMPILE_COST_S;
+    sampling compiles the forward pass alone). Most requests are shorter, so the default never waits for a compile
+    that a few batches cannot repay. Never on the CPU or MPS, where a cold compile costs more than a few grids
+    save (--compile on asks for one)."""
+    if device.type != "cuda" or batches_left <= 0 or "prior_noise" not in model.abilities:
+        return False
+    from speed import COMPILE_COST_S  # here: speed.py imports the trainer, which sampling needs nowhere else
+
+    # the first batch also pays CUDA's lazy start-up, so this overestimates the rest: compile errs towards on
+    return batch_s * batches_left > COMPILE_COST_S["cuda"] and compiled_for_sampling(model, device) is not None
+
+
+# each model's compiled copy (None: a family without regions), so that a model compiles once per process
+_COMPILED_FOR_SAMPLING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled_for_sampling(model: nn.Module, device: torch.device) -> nn.Module | None:
+    """A copy of ``model`` with its repeated regions compiled, made once, as the Trainer compiles them for
+    training (Family.compile_regions): on CUDA as CUDA graphs (reduce-overhead: a replay per region instead of a
+    launch per kernel), elsewhere with inductor's default. None for a family without such regions: it samples
+    eager. A copy, so that ``model`` itself stays eager for what else draws from it (app.py's other tabs: other
+    batch sizes, the blocks' own noise)."""
+    if model not in _COMPILED_FOR_SAMPLING:
+        # each distinct block shape is one compiled entry of the block's code; past dynamo's default limit of 8
+        # the rest would silently run eager (as in Trainer._compile)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        twin = copy.deepcopy(model)
+        _COMPILED_FOR_SAMPLING[model] = twin if twin.compile_regions(mode=mode, dynamic=False) else None
+    return _COMPILED_FOR_SAMPLING[model]
+
+
+def required_compiled_copy(model: nn.Module, device: torch.device) -> nn.Module:
+    """compiled_for_sampling's copy of ``model`` for --compile on, or one line saying why there is none."""
+    # the noise drawn outside the graphs is the family's standard-normal prior noise (sample's noises=)
+    twin = compiled_for_sampling(model, device) if "prior_noise" in model.abilities else None
+    if twin is None:
+        raise UserError(f"--compile on: the {model.family} family has no repeated regions that compile for "
+                        f"sampling (the vdvae's decoder blocks do); it samples eager: use --compile auto or off")
+    return twin
+
+
+def padded_rows(t: torch.Tensor, rows: int, fill: str) -> torch.Tensor:
+    """``t`` with rows appended up to ``rows``: zeros (``fill`` "zeros") or copies of its first row ("first")."""
+    extra = rows - len(t)
+    if extra <= 0:
+        return t
+    pad = t.new_zeros((extra, *t.shape[1:])) if fill == "zeros" else t[:1].expand(extra, *t.shape[1:])
+    return torch.cat([t, pad])
+
+
+class CompiledSampler:
+    """Prior samples drawn with the model's repeated regions compiled (compiled_for_sampling) at one fixed batch:
+    every call decodes ``batch`` rows, a short last batch padded and its padding dropped, so one graph per region
+    serves the whole request and nothing recompiles.
+
+    The same seed gives the images eager sampling gives (tests/test_compiled_sampling.py): the latent noise is
+    drawn outside the graphs, group by group and for the real rows only, exactly as the eager blocks draw it, and
+    pixels are drawn for the real rows only (OutputNet.draw_rows). The temperature scales that noise (z = mu +
+    (t sigma) eps) and the guidance scale enters as a tensor, so neither is a constant of the graphs: a new value
+    of either compiles nothing."""
+
+    def __init__(self, model: nn.Module, batch: int, temperature: float | list[float], guidance: float,
+                 device: torch.device):
+        self.model, self.batch, self.device = required_compiled_copy(model, device), batch, device
+        self.temperatures = model._group_temperatures(temperature)
+        self.guidance = torch.tensor(float(guidance), device=device) if guidance > 0 else 0.0
+        self.cuda_graphs = device.type == "cuda"
+
+    def noise(self, count: int) -> list[torch.Tensor]:
+        """Every latent group's standard-normal noise for ``count`` images, drawn in the order, shape and dtype
+        (float32, as the prior's fp32 heads draw) of eager sampling, scaled by the group's temperature, then zero
+        rows up to the fixed batch."""
+        noises = []
+        for shape, t in zip(self.model.latent_shapes(), self.temperatures):
+            eps = torch.randn((count, *shape), device=self.device)
+            noises.append(padded_rows(eps if t == 1.0 else eps * t, self.batch, "zeros"))
+        return noises
+
+    def __call__(self, count: int, labels: torch.Tensor | None) -> torch.Tensor:
+        """``count`` <= batch uint8 images (on the CPU) for ``labels``."""
+        noises = self.noise(count)
+        labels = padded_rows(labels, self.batch, "first") if labels is not None else None
+        if self.cuda_graphs:  # each batch replays the CUDA graphs anew
+            torch.compiler.cudagraph_mark_step_begin()
+        out_net = self.model.decoder.out_net
+        out_net.draw_rows = count
+        try:
+            images = self.model.sample(self.batch, labels, 1.0, noises=noises, guidance=self.guidance)
+        finally:
+            out_net.draw_rows = None
+        # the images come from eager code after the last graph, not from the CUDA graphs' memory pool that the next
+        # batch's replay overwrites; .cpu() copies them out of the device in any case
+        return images.cpu()
 
 
 def class_rows(classes: list[int], n_classes: int, device) -> torch.Tensor:
@@ -376,6 +496,8 @@ def run_grid(s: Session) -> str:
             raise UserError(f"{args.weights} is an unconditional model: it takes no --classes")
         n = args.n_per_class or s.n(100)
         nrow, row_labels = int(np.ceil(np.sqrt(n))), None
+    if args.compile == "on":  # refused before any folder is made (compiling itself waits for the first batch)
+        required_compiled_copy(s.model, s.device)
     side = s.H.image_size - 2 * s.H.pad  # what is written: MNIST's 28x28 without the padding
     check_output_size(n, nrow, (s.H.image_channels, side, side), "" if args.outdir else out.suffix)  # no picture
     if args.outdir:  # every flag checked: the folder is made now, before the sampling
@@ -388,7 +510,8 @@ def run_grid(s: Session) -> str:
     elif s.conditional:
         labels = s.labels(classes, 0).repeat_interleave(per_class)
     torch.manual_seed(args.seed)
-    images = sample_batched(s.model, n, labels, s.temperature, args.n_batch, s.amp_dtype, s.guidance)
+    images = sample_batched(s.model, n, labels, s.temperature, args.n_batch, s.amp_dtype, s.guidance,
+                            compile=args.compile)
     if args.outdir:  # one PNG per sample, in a folder per class, for FID tools and other pipelines
         names = [row_labels[i // nrow] if s.conditional else "" for i in range(n)]  # rows are classes
         folders = [folder_name(name) if name else "all" for name in names]
@@ -681,6 +804,10 @@ def build_parser(description: str | None = None) -> CliParser:
     for m in (g, modes["explore"], modes["interp"]):
         m.add_argument("--attributes", default=None, help="attribute models (celeba64): rows of attributes to set, "
                        "'Smiling,Male=0;Eyeglasses' (others at their training frequency)")
+    g.add_argument("--compile", default="auto", choices=COMPILE_CHOICES, help="compile the model's repeated "
+                   "regions (the vdvae's decoder blocks; CUDA graphs on a GPU) and draw every pass at one fixed "
+                   "batch, the last padded: auto compiles on CUDA when the request is long enough that eager "
+                   "sampling would outlast a cold compile; on; off. The same seed gives the same images")
     g.add_argument("--summary", action="store_true", help="print the model's modules with their output shapes, "
                    "resolutions and parameters, its latent groups and totals, and exit")
     g.add_argument("--export", default="", help="instead of sampling, write the weights (EMA unless "

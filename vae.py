@@ -24,8 +24,8 @@ from hps import Hyperparams, parse_layer_string, skip_slots
 from vae_helpers import (Block, bernoulli_log_prob, bernoulli_sample, discretized_gaussian_log_prob, elbo_report,
                          discretized_gaussian_sample, dmol_log_prob, dmol_sample, draw_gaussian_diag_samples,
                          gaussian_analytical_kl, gaussian_log_prob, get_bottleneck_settings, get_conv,
-                         get_width_settings, guided_gaussian, label_weights, likelihood_param_count, log_std_of,
-                         without_autocast)
+                         get_width_settings, guided_gaussian, guides, label_weights, likelihood_param_count,
+                         log_std_of, without_autocast)
 
 
 # Under --grad_checkpoint blocks, runs of this many consecutive blocks are recomputed together: half the
@@ -147,7 +147,7 @@ class DecBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, acts: torch.Tensor | None, temperature: float = 1.0,
                 noise: torch.Tensor | None = None, log_ratio: bool = False,
-                prior_noise: bool = False, guidance: float = 0.0) -> tuple[torch.Tensor, dict]:
+                prior_noise: bool = False, guidance: float | torch.Tensor = 0.0) -> tuple[torch.Tensor, dict]:
         """Draw z (posterior when ``acts`` is given, else prior at ``temperature``) and update the state.
 
         Returns the new state and stats: z, and for the posterior the KL map (nats, fp32) and, when
@@ -156,7 +156,8 @@ class DecBlock(nn.Module):
         the prior, fed it as ``noise``, draws this same z. With ``guidance`` w > 0 (prior only) the batch is two
         halves, the states under the asked labels and under the null label: z is drawn once from the guided
         prior (vae_helpers.guided_gaussian, then the temperature) and both halves go on with it; stats then hold
-        ``guidance_fallback``, the share of dimensions that fell back to mean-only guidance.
+        ``guidance_fallback``, the share of dimensions that fell back to mean-only guidance. A 0-dim tensor
+        ``guidance`` always guides (vae_helpers.guides).
         """
         feats = self.prior(x)
         pm, plogs, xpp = feats[:, :self.zdim], feats[:, self.zdim:2 * self.zdim], feats[:, 2 * self.zdim:]
@@ -171,14 +172,14 @@ class DecBlock(nn.Module):
             if log_ratio:
                 stats["log_ratio"] = gaussian_log_prob(z, qm, qlogs) - gaussian_log_prob(z, pm, plogs)
         else:
-            if guidance > 0:
+            if guides(guidance):
                 half = len(pm) // 2
                 pm, plogs, fell_back = guided_gaussian(pm[:half], plogs[:half], pm[half:], plogs[half:], guidance)
                 stats["guidance_fallback"] = fell_back.float().mean()
             if temperature != 1.0:  # a temperature t scales the prior's standard deviation by t
                 plogs = plogs + math.log(temperature)
             z = draw_gaussian_diag_samples(pm, plogs, noise)
-            if guidance > 0:
+            if guides(guidance):
                 z = torch.cat([z, z]).to(x.dtype)
         if prior_noise:
             stats["eps"] = ((z.float() - pm.float()) * torch.exp(-unit_plogs.float())).to(z.dtype)
@@ -200,6 +201,10 @@ class OutputNet(nn.Module):
         self.dmol_scale = H.dmol_scale
         n_params = likelihood_param_count(H.likelihood, H.image_channels, H.num_mixtures, H.gaussian_std <= 0)
         self.out_conv = get_conv(H.width, n_params, 1)
+        # pixels are drawn for the first ``draw_rows`` images only (None: all). The compiled sampler (sampling.py)
+        # decodes a last, short batch padded to its fixed size; drawing the padding's pixels would shift the random
+        # stream, and the real images would no longer be the ones eager sampling draws with the same seed
+        self.draw_rows: int | None = None
 
     def forward(self, px_z: torch.Tensor) -> torch.Tensor:
         # the likelihood's parameters in fp32 even under autocast: bf16 would round the DMOL's means and scales
@@ -222,8 +227,9 @@ class OutputNet(nn.Module):
         return -log_prob.sum(dim=(1, 2))
 
     def sample(self, px_z: torch.Tensor, shared_noise: bool = False) -> torch.Tensor:
-        """Integer pixel levels (B, C, H, W); ``shared_noise``: see dmol_sample."""
-        params = self.forward(px_z)
+        """Integer pixel levels (B, C, H, W) (the first ``draw_rows`` when set); ``shared_noise``: see
+        dmol_sample."""
+        params = self.forward(px_z if self.draw_rows is None else px_z[:self.draw_rows])
         if self.kind == "bernoulli":
             return bernoulli_sample(params, shared_noise=shared_noise)
         if self.kind == "gaussian":
@@ -291,7 +297,7 @@ class Decoder(nn.Module):
                 temperature: float | Sequence[float] = 1.0,
                 noises: Sequence[torch.Tensor | None] | None = None,
                 log_ratio: bool = False, prior_noise: bool = False,
-                guidance: float = 0.0) -> tuple[torch.Tensor, list[dict]]:
+                guidance: float | torch.Tensor = 0.0) -> tuple[torch.Tensor, list[dict]]:
         """Run the decoder top-down.
 
         ``activations``: the encoder's (Encoder.forward). Groups ``0..n_posterior-1`` draw from the posterior
@@ -345,7 +351,7 @@ class Decoder(nn.Module):
 
     def _run_segment(self, segment: list[int], x: torch.Tensor, acts: list[torch.Tensor | None], temps: list[float],
                      noises, log_ratio: bool, n_posterior: int, prior_noise: bool = False,
-                     guidance: float = 0.0) -> tuple[torch.Tensor, list[dict]]:
+                     guidance: float | torch.Tensor = 0.0) -> tuple[torch.Tensor, list[dict]]:
         stats = []
         for j, i in enumerate(segment):
             x, block_stats = self.dec_blocks[i](x, acts[j] if i < n_posterior else None, temps[i],
@@ -430,12 +436,13 @@ class VAE(Family):
     @torch.no_grad()
     def sample(self, n: int, labels: torch.Tensor | None = None, temperature: float | Sequence[float] = 1.0,
                noises: Sequence[torch.Tensor | None] | None = None, shared_pixel_noise: bool = False,
-               guidance: float = 0.0) -> torch.Tensor:
+               guidance: float | torch.Tensor = 0.0) -> torch.Tensor:
         """``n`` images from the prior (for ``labels`` when conditional), as uint8 (n, C, H, W). ``noises``
         fixes the latent noise of chosen groups; ``shared_pixel_noise`` draws the pixels of every image with
         the same uniforms (see dmol_sample); ``guidance`` w > 0 draws every latent group from
-        p(z|y)^(1+w) / p(z|null)^w (classifier-free guidance; a model trained with --label_dropout)."""
-        if guidance > 0:  # the asked labels, then the null label: the decoder guides every group's prior
+        p(z|y)^(1+w) / p(z|null)^w (classifier-free guidance; a model trained with --label_dropout; a 0-dim
+        tensor always guides, see vae_helpers.guides)."""
+        if guides(guidance):  # the asked labels, then the null label: the decoder guides every group's prior
             weights = label_weights(labels, self.H.n_classes)
             px_z, _ = self.decoder(None, torch.cat([weights, torch.zeros_like(weights)]), batch=2 * n,
                                    temperature=temperature, noises=noises, guidance=guidance)

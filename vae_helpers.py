@@ -215,13 +215,20 @@ def label_weights(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
     return (labels.reshape(-1, 1) == torch.arange(n_classes, device=labels.device)).float()
 
 
+def guides(w: float | torch.Tensor) -> bool:
+    """Whether guidance scale ``w`` guides: a number when it is > 0; a 0-dim tensor always. The compiled sampler
+    (sampling.py) hands its scale as a tensor, only when it guides, so that torch.compile reads its value as data
+    and one graph serves every scale (a float is a constant to the graph: each new value would recompile)."""
+    return isinstance(w, torch.Tensor) or w > 0
+
+
 # Where the guided target's precision falls below this share of the conditional's (a variance over 1/share times
 # the conditional's), the product of densities is too flat to trust: its mean diverges as the precision nears zero
 GUIDANCE_PRECISION_FLOOR = 0.5
 
 
 def guided_gaussian(mu_c: torch.Tensor, logsigma_c: torch.Tensor, mu_u: torch.Tensor, logsigma_u: torch.Tensor,
-                    w: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    w: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Classifier-free guidance of a diagonal Gaussian prior, per dimension, in float32: the target
     p(z|y)^(1+w) / p(z)^w for the conditional N(mu_c, s_c^2) and the unconditional N(mu_u, s_u^2).
 

@@ -29,6 +29,10 @@ Sections, in order (each bounded in time; whatever does not fit in ``--budget_s`
   cuda_paths   evaluation under bf16 against fp32, fp32 distribution heads and the exact prior-noise round trip
                under bf16, one compiled graph for all gradient-accumulation passes
   max_batch    the largest cifar10 batch that fits for --grad_checkpoint none, gelu and blocks
+  step_paths   training steps fed from a split on the GPU under set_sync_debug_mode("error") (no host sync), and
+               --grad_accum 4 compiled with CUDA graphs against eager
+  sampling_compile  cifar10 prior sampling at batch 256, eager and compiled (sample.py grid --compile on): seconds
+               per batch of each and their ratio, the cold compile's cost and the batches that repay it
 
 Writes OUT/summary.json (rewritten after every section, so a run cut short keeps what it measured),
 OUT/gpu_check.log (every command with its output) and OUT/digits_samples.png, and prints the summary's targets.
@@ -72,7 +76,7 @@ N_TRAIN_FILES, PER_FILE, N_TEST = 5, 1100, 512  # synthetic CIFAR-10: 5,500 trai
 def plan(tiny: bool) -> dict:
     """Sizes of every section: the full ones on a GPU, seconds' worth on the CPU."""
     if tiny:
-        return dict(arch=[*TINY_ARCH, "--compile", "off"], n_batch=4, steps=2, warmup=1, sample_batches="4,8",
+        return dict(arch=[*TINY_ARCH, "--compile", "off", "--global_batch", "0"], n_batch=4, steps=2, warmup=1, sample_batches="4,8",
                     sample_reps=1,
                     parity_steps=12, digits=["--max_steps", "20", "--n_batch", "8", "--precision", "fp32",
                                              "--channels_last", "off", "--grad_checkpoint", "none"],
@@ -347,6 +351,10 @@ def section_cuda_paths(c: Check) -> dict:
     return c.worker("cuda_paths", timeout=240)
 
 
+def section_step_paths(c: Check) -> dict:
+    return c.worker("step_paths", timeout=240)
+
+
 def section_profile(c: Check) -> dict:
     return c.worker("profile", timeout=120)
 
@@ -362,17 +370,23 @@ def section_batch_sweep(c: Check) -> dict:
     return c.worker("batch_sweep", timeout=240)
 
 
+def section_sampling_compile(c: Check) -> dict:
+    return c.worker("sampling_compile", timeout=240)
+
+
 SECTIONS: list[tuple[str, Callable[[Check], dict], float]] = [  # name, function, least seconds worth starting
     ("machine", section_machine, 10), ("profile", section_profile, 20), ("throughput", section_throughput, 60),
     ("batch_sweep", section_batch_sweep, 40), ("parity", section_parity, 30), ("digits", section_digits, 40),
     ("resume", section_resume, 40), ("torchrun", section_torchrun, 40), ("cuda_paths", section_cuda_paths, 30),
     ("max_batch", section_max_batch, 40), ("efficient", section_efficient, 60),
+    ("step_paths", section_step_paths, 30),
+    ("sampling_compile", section_sampling_compile, 60),
 ]
 # each part is one command of at most 6 minutes (its --budget_s default), so that 15 minutes of a lent GPU hold both
 # with a rerun to spare; the first holds what no card has measured yet
-PARTS = {"part1": ("machine", "profile", "throughput", "batch_sweep", "efficient"),
+PARTS = {"part1": ("machine", "profile", "throughput", "batch_sweep", "efficient", "sampling_compile"),
          # cuda_paths evaluates the checkpoint resume leaves
-         "part2": ("parity", "digits", "resume", "torchrun", "cuda_paths", "max_batch")}
+         "part2": ("parity", "digits", "resume", "torchrun", "cuda_paths", "step_paths", "max_batch")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -549,6 +563,71 @@ def worker_cuda_paths(args, device: torch.device) -> dict:
     return result
 
 
+def worker_step_paths(args, device: torch.device) -> dict:
+    """Two properties of the training step on this device. ``sync_free``: steps fed by epoch_batches from a split
+    held on the device run under torch.cuda.set_sync_debug_mode("error"), so that any operator that makes the host
+    wait for the GPU raises. ``accum_graphs``: two updates of --grad_accum 4 compiled with reduce-overhead (CUDA
+    graphs, whose outputs the next pass's replay overwrites) equal eager's (on the CPU, --tiny, dynamo's eager
+    backend stands in: there are no graphs to replay)."""
+    import trainer as trainer_module
+    from data import Split, epoch_batches
+
+    result: dict = {}
+    arch = {} if args.tiny else dict(width=64, zdim=8, enc_blocks=TINY_ARCH[5], dec_blocks=TINY_ARCH[7])
+    H = worker_hparams(args, n_batch=8, compile="off", precision="auto", channels_last="auto",
+                       grad_checkpoint="none", skip_threshold="auto", **arch)
+    torch.manual_seed(0)
+    trainer = trainer_module.Trainer(H, device)
+    images, labels = synthetic_images(256, seed=5)
+    split = Split(torch.from_numpy(images).to(device), torch.from_numpy(labels).long().to(device))
+    batches = epoch_batches(split, H.n_batch, seed=0, epoch=0)
+    trainer.step(*next(batches))  # cuDNN's benchmark and the lazy start-ups may wait: not the steady state
+    synchronize(device)
+    checked = device.type == "cuda"
+    try:
+        if checked:
+            torch.cuda.set_sync_debug_mode("error")
+        for _ in range(3):
+            skip, stats = trainer.step(*next(batches))
+        result["sync_free"] = True
+    except RuntimeError as err:
+        result["sync_free"], result["sync_error"] = False, str(err).splitlines()[0][:200]
+    finally:
+        if checked:
+            torch.cuda.set_sync_debug_mode("default")
+    result["sync_debug_mode"] = "error" if checked else "not on this device"
+
+    real_compile = torch.compile
+    if device.type != "cuda":
+        trainer_module.torch.compile = lambda model=None, **options: real_compile(
+            model, **{k: v for k, v in options.items() if k not in ("mode", "backend")}, backend="eager")
+    figures, weights = {}, {}
+    try:
+        torch._dynamo.reset()
+        for mode in ("off", "reduce-overhead"):
+            H = worker_hparams(args, n_batch=4, grad_accum=4, compile="off" if mode == "off" else "on",
+                               precision="fp32", channels_last="off", grad_checkpoint="none", **arch)
+            torch.manual_seed(0)
+            accum_trainer = trainer_module.Trainer(H, device, compile_mode=mode)
+            images, labels = synthetic_images(16, seed=3)
+            images, labels = torch.from_numpy(images).to(device), torch.from_numpy(labels).long().to(device)
+            torch.manual_seed(1)
+            with torch._inductor.config.patch(fallback_random=True):  # the same posterior noise as eager
+                figures[mode] = [accum_trainer.step(images, labels)[1].cpu() for _ in range(2)]
+            weights[mode] = [p.detach().float().cpu() for p in accum_trainer.model.parameters()]
+    finally:
+        trainer_module.torch.compile = real_compile
+    # the Trainer turns TF32 on for a GPU's fp32 in both modes, so they compare like for like
+    loss_diff = max(abs(a[0].item() - b[0].item()) / abs(a[0].item())
+                    for a, b in zip(figures["off"], figures["reduce-overhead"]))
+    weight_diff = max((a - b).abs().max().item() for a, b in zip(weights["off"], weights["reduce-overhead"]))
+    result["accum_graphs"] = {"grad_accum": 4, "loss_rel_diff": loss_diff, "weight_max_abs_diff": weight_diff,
+                              "losses_eager": [f[0].item() for f in figures["off"]],
+                              "losses_compiled": [f[0].item() for f in figures["reduce-overhead"]]}
+    result["ok"] = bool(result["sync_free"] and loss_diff < 1e-3 and weight_diff < 1e-3)
+    return result
+
+
 def worker_profile(args, device: torch.device) -> dict:
     """The default training step under torch.profiler: the operators and kernels that take the time."""
     from torch.profiler import ProfilerActivity, profile
@@ -684,8 +763,49 @@ def worker_batch_sweep(args, device: torch.device) -> dict:
     return result
 
 
+def worker_sampling_compile(args, device: torch.device) -> dict:
+    """Prior sampling of the cifar10 model (untrained; tiny with --tiny) at one fixed batch in the default precision,
+    eager and compiled as sample.py grid --compile on draws it (the decoder's blocks compiled, CUDA graphs on a GPU):
+    seconds per batch of each (median of timed batches after the untimed ones), their ratio, what the first two
+    compiled calls cost (the cold compile; CUDA graphs then record), the batches that repay them, and the share of
+    pixels both drew alike under one seed."""
+    from models import build_model
+    from sampling import sample_batched
+    from utils import resolve_precision
+
+    batch, reps = (4, 2) if args.tiny else (256, 5)
+    H = worker_hparams(args)
+    torch.manual_seed(0)
+    model = build_model(H).to(device).eval()
+    amp_dtype = resolve_precision("auto", device)
+    labels = torch.arange(batch, device=device) % H.n_classes
+
+    def draw(compile: str) -> tuple[torch.Tensor, float]:
+        synchronize(device)
+        t0 = time.perf_counter()
+        torch.manual_seed(1)
+        images = sample_batched(model, batch, labels, 1.0, batch, amp_dtype, compile=compile)  # .cpu(): synchronised
+        return images, time.perf_counter() - t0
+
+    eager_images, _ = draw("off")  # untimed: CUDA's and cuDNN's lazy start-up
+    eager_s = statistics.median(draw("off")[1] for _ in range(reps))
+    compiled_images, first_s = draw("on")  # compiles (and on CUDA runs the graphs' warm-up pass)
+    second_s = draw("on")[1]  # on CUDA: records the graphs
+    compiled_s = statistics.median(draw("on")[1] for _ in range(reps))
+    saved = eager_s - compiled_s  # per batch; the compile's extra cost over the first two calls, repaid by it
+    repay = math.ceil((first_s + second_s - 2 * compiled_s) / saved) if saved > 0 else None
+    return {"batch": batch, "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
+            "eager_s_per_batch": round(eager_s, 5), "compiled_s_per_batch": round(compiled_s, 5),
+            "eager_img_s": round(batch / eager_s, 1), "compiled_img_s": round(batch / compiled_s, 1),
+            "compiled_vs_eager": round(eager_s / compiled_s, 3), "first_compiled_call_s": round(first_s, 1),
+            "second_compiled_call_s": round(second_s, 2),
+            "batches_to_repay_compile": repay,
+            "same_pixels_share": round((eager_images == compiled_images).float().mean().item(), 5)}
+
+
 WORKERS = {"machine": worker_machine, "batch_sweep": worker_batch_sweep, "flops": worker_flops, "parity": worker_parity,
-           "cuda_paths": worker_cuda_paths, "profile": worker_profile, "max_batch": worker_max_batch}
+           "cuda_paths": worker_cuda_paths, "profile": worker_profile, "max_batch": worker_max_batch,
+           "sampling_compile": worker_sampling_compile, "step_paths": worker_step_paths}
 
 
 # ---------------------------------------------------------------------------------------------

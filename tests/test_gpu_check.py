@@ -92,6 +92,12 @@ def test_the_gpu_check_runs_every_section_at_tiny_sizes_on_the_cpu(tmp_path):
     for mode in ("none", "gelu", "blocks"):
         assert sections["max_batch"][mode]["largest_fitting"] == P["max_batch_cap"]  # tiny: no limit reached
 
+    compiled = sections["sampling_compile"]  # eager and compiled sampling at one batch: both timed, the same images
+    assert compiled["eager_s_per_batch"] > 0 and compiled["compiled_s_per_batch"] > 0
+    ratio = compiled["eager_s_per_batch"] / compiled["compiled_s_per_batch"]  # of the rounded figures
+    assert abs(compiled["compiled_vs_eager"] - ratio) <= 0.01 * ratio
+    assert compiled["same_pixels_share"] == 1.0  # fp32 on the CPU: the same seed draws the same images
+
     targets = summary["targets"]
     assert targets["parity_final_rel_diff"] == parity["final_rel_diff"]
     assert targets["functions_ok"] == {"digits": True, "resume": True, "torchrun": True, "cuda_paths": True}
@@ -110,7 +116,7 @@ def test_a_part_names_its_sections_in_order(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     sections = json.loads((out / "summary.json").read_text())["sections"]
     assert list(sections) == list(gpu_check.PARTS["part1"]) == ["machine", "profile", "throughput", "batch_sweep",
-                                                                "efficient"]
+                                                                "efficient", "sampling_compile"]
     assert all("skipped" in s for s in sections.values())
     bad = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--tiny", "--out", str(tmp_path / "b"),
                           "--sections", "part9"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
