@@ -321,6 +321,7 @@ class DatasetShape:
 DATASET_SHAPES: dict[str, DatasetShape] = {  # every dataset data.py loads (data.DATASETS), in its order
     "cifar10": DatasetShape(32, 3), "cifar100": DatasetShape(32, 3),
     "mnist": DatasetShape(32, 1, pad=2),  # 28x28 digits zero-padded to 32x32, the size of the others
+    "fashion_mnist": DatasetShape(32, 1, pad=2),  # 28x28 clothes, padded like MNIST
     "svhn": DatasetShape(32, 3),
     "celeba64": DatasetShape(64, 3, multi_label=True),  # its 40 binary attributes
     "imagenet32": DatasetShape(32, 3), "imagenet64": DatasetShape(64, 3),
@@ -330,8 +331,18 @@ DATASET_SHAPES: dict[str, DatasetShape] = {  # every dataset data.py loads (data
 }
 
 
+# other spellings of dataset names, accepted wherever a name is read and stored as the name they stand for
+DATASET_ALIASES: dict[str, str] = {"fashion-mnist": "fashion_mnist", "fmnist": "fashion_mnist"}
+
+
+def canonical_dataset(name: str) -> str:
+    """The dataset name ``name`` stands for: itself, or the name an alias (``DATASET_ALIASES``) spells otherwise."""
+    return DATASET_ALIASES.get(name, name)
+
+
 def dataset_shape(name: str) -> DatasetShape:
-    """The shape of dataset ``name``; an unknown name is an error that lists the known ones."""
+    """The shape of dataset ``name`` (or an alias); an unknown name is an error that lists the known ones."""
+    name = canonical_dataset(name)
     if name not in DATASET_SHAPES:
         raise UserError(f"unknown dataset {name!r}; valid: {', '.join(DATASET_SHAPES)}")
     return DATASET_SHAPES[name]
@@ -641,6 +652,8 @@ def hparams_from_preset(name: str, overrides: dict[str, Any] | None = None) -> H
         if key not in _FIELD_NAMES or key == "hps":
             raise UserError(f"unknown hyperparameter {key!r}; valid: {', '.join(f.name for f in SETTABLE)}")
         values[key] = value
+    # one spelling per dataset, so that a checkpoint's --dataset matches whichever alias a resume gives
+    values["dataset"] = canonical_dataset(values["dataset"])
     hps = Hyperparams(**values)
     validate(hps)
     return hps
