@@ -13,6 +13,11 @@ tiny (tests), a hold-out of K images becomes a tenth of the training images (at 
 - ``mnist``: the idx files ``MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`` (torchvision's
   layout and download). 28x28 zero-padded to 32x32 (1 channel, 8-bit; binarizing is the trainer's job).
   Train 55,000 / validation 5,000 (seed 0) / test = the 10,000 official test images; classes "0".."9".
+- ``fashion_mnist`` (aliases ``fashion-mnist``, ``fmnist``): Fashion-MNIST (Xiao et al. 2017), the same four idx
+  files in ``FashionMNIST/raw/``; when they are not there, those of Debian's package dataset-fashion-mnist
+  (``/usr/share/datasets/fashion-mnist``, a note says so), else torchvision's download. Padded to 32x32 like MNIST;
+  train 55,000 / validation 5,000 (seed 0) / test = the 10,000 official test images; the ten official class names
+  ("T-shirt/top", "Trouser", ..., "Ankle boot").
 - ``svhn``: ``svhn/{train,test}_32x32.mat`` (MATLAB v5; X (32, 32, 3, N), y (N, 1) with 10 meaning digit 0),
   torchvision download; the files may also sit in ``data_root`` itself. Train 68,257 / validation 5,000
   (seed 0) / test = the 26,032 official test images; classes "0".."9" (``extra_32x32.mat`` is not used).
@@ -58,6 +63,7 @@ import struct
 import threading
 import time
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 import dataclasses
 from dataclasses import dataclass, field
@@ -67,11 +73,11 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from hps import DATASET_SHAPES, parse_layer_string
+from hps import DATASET_SHAPES, canonical_dataset, parse_layer_string
 from utils import UserError
 
-DATASETS = ("cifar10", "cifar100", "mnist", "svhn", "celeba64", "imagenet32", "imagenet64", "ffhq256", "ffhq1024",
-            "folder", "digits")
+DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "celeba64", "imagenet32", "imagenet64", "ffhq256",
+            "ffhq1024", "folder", "digits")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,14 +262,17 @@ class Data:
 
 
 def load_data(name: str, data_root: str, size: int | None = None) -> Data:
-    """Load dataset ``name`` (one of DATASETS); ``size`` is the image size for folder and FFHQ datasets."""
+    """Load dataset ``name`` (one of DATASETS, or an alias: hps.DATASET_ALIASES); ``size`` is the image size for
+    folder and FFHQ datasets."""
     root = Path(data_root)
+    name = canonical_dataset(name)
     if size is not None and size < 1:
         raise UserError(f"image size must be positive, got {size}")
     loaders: dict[str, Callable[[], Data]] = {
         "cifar10": lambda: load_cifar10(root),
         "cifar100": lambda: load_cifar100(root),
         "mnist": lambda: load_mnist(root),
+        "fashion_mnist": lambda: load_fashion_mnist(root),
         "svhn": lambda: load_svhn(root),
         "celeba64": lambda: load_celeba64(root),
         "imagenet32": lambda: load_imagenet(root, 32),
@@ -446,28 +455,56 @@ def load_cifar100(root: Path) -> Data:
 
 
 # ---------------------------------------------------------------------------------------------
-# MNIST
+# MNIST and Fashion-MNIST: the same four idx files of 28x28 grey images in ten classes
 # ---------------------------------------------------------------------------------------------
 
 MNIST_FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
-               "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
+               "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}  # Fashion-MNIST's names too
 MNIST_SPLIT_SEED = 0
 MNIST_VALID = 5000
+FASHION_MNIST_SPLIT_SEED = 0
+FASHION_MNIST_VALID = 5000
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot"]  # the official names of labels 0..9
+FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")  # Debian's package dataset-fashion-mnist (.gz files)
 
 
-def _read_idx(path: Path, ndim: int) -> np.ndarray:
+@dataclass(frozen=True)
+class IdxDataset:
+    """What sets one dataset of the four idx files apart from another."""
+
+    name: str  # its key in DATASET_SHAPES
+    title: str  # how messages name it
+    folder: str  # torchvision's: the files are in root/<folder>/raw
+    class_names: tuple[str, ...]
+    n_valid: int  # validation images carved from the training images, with seed ``seed``
+    seed: int
+    mirror: str  # where the files can be fetched by hand
+    installed: Path | None = None  # a system folder that may hold the files (a distribution's package)
+    package: str = ""  # the package that fills ``installed``
+
+
+MNIST = IdxDataset("mnist", "MNIST", "MNIST", tuple(str(d) for d in range(10)), MNIST_VALID, MNIST_SPLIT_SEED,
+                   "torchvision's mirror https://ossci-datasets.s3.amazonaws.com/mnist/")
+FASHION_MNIST = IdxDataset("fashion_mnist", "Fashion-MNIST", "FashionMNIST", tuple(FASHION_MNIST_CLASSES),
+                           FASHION_MNIST_VALID, FASHION_MNIST_SPLIT_SEED,
+                           "https://github.com/zalandoresearch/fashion-mnist", FASHION_MNIST_DEBIAN,
+                           "dataset-fashion-mnist")
+
+
+def _read_idx(path: Path, ndim: int, what: str = "MNIST") -> np.ndarray:
     """An idx file of unsigned bytes (magic 0x0000 08 ``ndim``, then ``ndim`` big-endian int32 sizes), or .gz."""
     try:
         with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as fh:
             raw = fh.read()
-    except (OSError, EOFError, ValueError) as err:
-        raise UserError(f"cannot read MNIST file {path}: {_reason(err)}") from None
+    except (OSError, EOFError, ValueError, zlib.error) as err:  # zlib.error: damaged compressed data
+        raise UserError(f"cannot read {what} file {path}: {_reason(err)}") from None
     header = 4 + 4 * ndim
     if len(raw) < header or raw[:4] != bytes([0, 0, 0x08, ndim]):
-        raise UserError(f"MNIST file {path} is not an idx file of bytes with {ndim} dimensions (bad magic number)")
+        raise UserError(f"{what} file {path} is not an idx file of bytes with {ndim} dimensions (bad magic number)")
     dims = struct.unpack(f">{ndim}I", raw[4:header])
     if len(raw) - header != int(np.prod(dims)):
-        raise UserError(f"MNIST file {path} holds {len(raw) - header} bytes of data, its header says {dims}")
+        raise UserError(f"{what} file {path} holds {len(raw) - header} bytes of data, its header says {dims}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
@@ -482,31 +519,65 @@ def _mnist_paths(folder: Path) -> dict[str, Path] | None:
     return paths
 
 
+def _idx_files(root: Path, spec: IdxDataset, notes: list[str]) -> dict[str, Path]:
+    """The four idx files: in ``root/<folder>/raw``; else in the system folder a package fills (with a note);
+    else downloaded there through torchvision. Offline with neither, one line names every way to get them."""
+    folder = root / spec.folder / "raw"
+    paths = _mnist_paths(folder)
+    if paths is not None:
+        return paths
+    installed = _mnist_paths(spec.installed) if spec.installed is not None else None
+    if installed is not None:
+        notes.append(f"{spec.title}: read from {spec.installed} (the Debian package {spec.package}), as "
+                     f"{folder} does not hold the four idx files")
+        return installed
+    import torchvision
+
+    dataset = getattr(torchvision.datasets, spec.folder)  # torchvision's class is named like its folder
+    by_hand = f"put {', '.join(MNIST_FILES.values())} (or their .gz, e.g. from {spec.mirror}) in {folder}"
+    if spec.package:
+        by_hand = f"install the Debian package {spec.package} (files in {spec.installed}), or {by_hand}"
+    _download(spec.title, folder, lambda: dataset(str(root), train=True, download=True), by_hand)
+    paths = _mnist_paths(folder)
+    if paths is None:
+        raise UserError(f"{spec.title} download did not leave the idx files in {folder}")
+    return paths
+
+
+def _load_idx_dataset(root: Path, spec: IdxDataset) -> Data:
+    """An idx dataset (see ``_idx_files`` for where its files are found), its 28x28 images zero-padded to 32x32;
+    ``spec.n_valid`` training images (seed ``spec.seed``) are the validation split, the official test images the
+    test split."""
+    notes: list[str] = []
+    paths = _idx_files(root, spec, notes)
+    parts = {}
+    for split in ("train", "test"):
+        x = _read_idx(paths[f"{split}_x"], 3, spec.title)
+        y = _read_idx(paths[f"{split}_y"], 1, spec.title).astype(np.int64)
+        if x.shape[1:] != (28, 28) or len(x) != len(y):
+            raise UserError(f"{spec.title} {split} files {paths[f'{split}_x']} {tuple(x.shape)} and "
+                            f"{paths[f'{split}_y']} {tuple(y.shape)} are not N 28x28 images with N labels")
+        _check_labels(y, len(spec.class_names), paths[f"{split}_y"])
+        pad = DATASET_SHAPES[spec.name].pad  # the black border the likelihood leaves out: 32x32 like the others
+        parts[split] = (np.pad(x, ((0, 0), (pad, pad), (pad, pad)))[:, None], y)
+    rows = _holdout(len(parts["train"][0]), spec.n_valid, spec.seed)
+    data = _in_memory(parts["train"], rows, parts["test"], list(spec.class_names))
+    data.notes.extend(notes)
+    return data
+
+
 def load_mnist(root: Path) -> Data:
     """MNIST from the raw idx files in ``root/MNIST/raw`` (torchvision's layout; downloaded when absent),
     zero-padded from 28x28 to 32x32: train 55,000 / validation 5,000 (seed 0) / the 10,000 test images."""
-    folder = root / "MNIST" / "raw"
-    paths = _mnist_paths(folder)
-    if paths is None:
-        import torchvision
+    return _load_idx_dataset(root, MNIST)
 
-        _download("MNIST", folder, lambda: torchvision.datasets.MNIST(str(root), train=True, download=True),
-                  f"put {', '.join(MNIST_FILES.values())} (or their .gz, e.g. from torchvision's mirror "
-                  f"https://ossci-datasets.s3.amazonaws.com/mnist/) in {folder}")
-        paths = _mnist_paths(folder)
-        if paths is None:
-            raise UserError(f"MNIST download did not leave the idx files in {folder}")
-    parts = {}
-    for split in ("train", "test"):
-        x, y = _read_idx(paths[f"{split}_x"], 3), _read_idx(paths[f"{split}_y"], 1).astype(np.int64)
-        if x.shape[1:] != (28, 28) or len(x) != len(y):
-            raise UserError(f"MNIST {split} files {paths[f'{split}_x']} {tuple(x.shape)} and {paths[f'{split}_y']} "
-                            f"{tuple(y.shape)} are not N 28x28 images with N labels")
-        _check_labels(y, 10, paths[f"{split}_y"])
-        pad = DATASET_SHAPES["mnist"].pad  # the black border the likelihood leaves out: 32x32 like the others
-        parts[split] = (np.pad(x, ((0, 0), (pad, pad), (pad, pad)))[:, None], y)
-    rows = _holdout(len(parts["train"][0]), MNIST_VALID, MNIST_SPLIT_SEED)
-    return _in_memory(parts["train"], rows, parts["test"], [str(d) for d in range(10)])
+
+def load_fashion_mnist(root: Path) -> Data:
+    """Fashion-MNIST (Xiao et al. 2017) from the raw idx files in ``root/FashionMNIST/raw`` (torchvision's layout),
+    else from Debian's package dataset-fashion-mnist (/usr/share/datasets/fashion-mnist), else downloaded by
+    torchvision; zero-padded from 28x28 to 32x32 like MNIST. Train 55,000 / validation 5,000 (seed 0, carved from
+    the 60,000 training images) / the 10,000 official test images; the ten official class names."""
+    return _load_idx_dataset(root, FASHION_MNIST)
 
 
 # ---------------------------------------------------------------------------------------------

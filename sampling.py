@@ -28,17 +28,26 @@ MODES = ("grid", "recon", "interp", "explore", "swap", "manifold")
 NULL_CLASS = -1  # "none" in --classes: the null label of a model trained with --label_dropout (no class)
 
 
+def _name_key(name: str) -> str:
+    """A class name as --classes matches it: case, underscores for spaces and repeated spaces aside."""
+    return " ".join(name.replace("_", " ").split()).casefold()
+
+
 def parse_classes(text: str, class_names: list[str], allow_none: bool = False) -> list[int]:
     """Comma-separated class names or indices -> indices (empty text: every class); with ``allow_none``, "none"
-    is NULL_CLASS."""
+    is NULL_CLASS. A name matches exactly, else ignoring case and underscores-for-spaces where that names one class
+    ("ankle boot", "ankle_boot" and "Ankle Boot" are Fashion-MNIST's "Ankle boot")."""
     if not text:
         return list(range(len(class_names)))
+    keys = [_name_key(n) for n in class_names]
     indices = []
     for item in (t.strip() for t in text.split(",")):
         if allow_none and item == "none" and "none" not in class_names:
             indices.append(NULL_CLASS)
         elif item in class_names:
             indices.append(class_names.index(item))
+        elif keys.count(_name_key(item)) == 1:
+            indices.append(keys.index(_name_key(item)))
         elif item.lstrip("-").isdigit():
             idx = int(item)
             if not 0 <= idx < len(class_names):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
 import pickle
 import struct
@@ -16,7 +17,8 @@ from PIL import Image
 
 import data as data_module
 from data import (ImageFiles, LazyImages, MappedImages, Split, epoch_batches, eval_batches, load_celeba64,
-                  load_cifar100, load_data, load_ffhq, load_folder, load_imagenet, load_mnist, load_svhn)
+                  load_cifar100, load_data, load_fashion_mnist, load_ffhq, load_folder, load_imagenet, load_mnist,
+                  load_svhn)
 from hps import DATASET_SHAPES
 from utils import UserError
 
@@ -47,18 +49,23 @@ def write_idx(path, array: np.ndarray, compress: bool = False) -> None:
     path.write_bytes(raw)
 
 
-def write_mnist(root, n_train: int = 30, n_test: int = 12, seed: int = 0) -> dict:
+def write_idx_files(folder, n_train: int = 30, n_test: int = 12, seed: int = 0,
+                    compress: tuple[bool, bool] = (True, False)) -> dict:
+    """The four idx files of MNIST and Fashion-MNIST in ``folder``; ``compress``: train's and test's as .gz."""
     rng = np.random.RandomState(seed)
-    folder = root / "MNIST" / "raw"
     folder.mkdir(parents=True)
     written = {}
-    for prefix, n, compress in [("train", n_train, True), ("t10k", n_test, False)]:
+    for prefix, n, gz in [("train", n_train, compress[0]), ("t10k", n_test, compress[1])]:
         images = rng.randint(1, 256, size=(n, 28, 28), dtype=np.uint8)  # never 0: the padding must stand out
         labels = rng.randint(0, 10, size=n).astype(np.uint8)
-        write_idx(folder / f"{prefix}-images-idx3-ubyte", images, compress)
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels, compress)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte", images, gz)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels, gz)
         written[prefix] = (images, labels)
     return written
+
+
+def write_mnist(root, n_train: int = 30, n_test: int = 12, seed: int = 0) -> dict:
+    return write_idx_files(root / "MNIST" / "raw", n_train, n_test, seed)
 
 
 def test_mnist_reads_idx_files_and_pads_to_32(tmp_path):
@@ -104,6 +111,161 @@ def test_mnist_truncated_file_is_a_clear_error(tmp_path):
     path.write_bytes(path.read_bytes()[:-3])
     with one_line_error("t10k-labels-idx1-ubyte holds 9 bytes of data"):
         load_mnist(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fashion-MNIST: MNIST's idx files, or Debian's package, or torchvision's download
+# ---------------------------------------------------------------------------------------------
+
+FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                 "Ankle boot"]
+REAL_FASHION = data_module.FASHION_MNIST_DEBIAN
+
+
+def write_fashion_mnist(root, **kwargs) -> dict:
+    return write_idx_files(root / "FashionMNIST" / "raw", **kwargs)
+
+
+@pytest.fixture
+def debian_folder(tmp_path, monkeypatch):
+    """Where the loader looks for Debian's dataset-fashion-mnist files: an empty folder of the test's (the real
+    package may be installed here)."""
+    folder = tmp_path / "debian" / "fashion-mnist"
+    folder.mkdir(parents=True)
+    monkeypatch.setattr(data_module, "FASHION_MNIST",
+                        dataclasses.replace(data_module.FASHION_MNIST, installed=folder))
+    return folder
+
+
+@pytest.mark.parametrize("name", ["fashion_mnist", "fashion-mnist", "fmnist"])
+def test_fashion_mnist_reads_idx_files_plain_and_gz_and_pads_to_32(name, tmp_path, debian_folder):
+    written = write_fashion_mnist(tmp_path)  # train .gz, test plain
+    data = load_data(name, str(tmp_path))
+    assert data.class_names == FASHION_NAMES and not data.multi_label and data.notes == []
+    assert (len(data.train), len(data.valid), len(data.test)) == (27, 3, 12)  # a tenth held out of 30
+    assert data.test.images.dtype == torch.uint8 and data.test.images.shape == (12, 1, 32, 32)
+    test_images, test_labels = written["t10k"]
+    assert torch.equal(data.test.images[:, 0, 2:30, 2:30], torch.from_numpy(test_images))
+    assert data.test.labels.tolist() == test_labels.tolist() and data.test.labels.dtype == torch.int64
+    ours = torch.cat([data.train.images, data.valid.images])[:, 0, 2:30, 2:30].numpy()
+    assert sorted(map(bytes, ours)) == sorted(map(bytes, written["train"][0]))
+    again = load_fashion_mnist(tmp_path)  # the split is fixed
+    assert torch.equal(again.valid.images, data.valid.images) and torch.equal(again.train.labels, data.train.labels)
+
+
+def test_fashion_mnist_falls_back_to_the_debian_package(tmp_path, debian_folder):
+    written = write_idx_files(debian_folder / "files", compress=(True, True))  # Debian ships the four .gz
+    for path in (debian_folder / "files").iterdir():
+        path.rename(debian_folder / path.name)
+    data = load_fashion_mnist(tmp_path / "data")
+    assert (len(data.train) + len(data.valid), len(data.test)) == (30, 12)
+    assert torch.equal(data.test.images[:, 0, 2:30, 2:30], torch.from_numpy(written["t10k"][0]))
+    assert len(data.notes) == 1 and f"read from {debian_folder}" in data.notes[0] and \
+        "dataset-fashion-mnist" in data.notes[0]
+    assert not (tmp_path / "data").exists()  # nothing downloaded or written
+
+
+def test_fashion_mnist_downloads_through_torchvision(tmp_path, monkeypatch, debian_folder):
+    calls = []
+
+    def fake_download(root, train=True, download=False):  # torchvision keeps the .gz in <root>/FashionMNIST/raw
+        calls.append((root, download))
+        write_fashion_mnist(tmp_path / "data", compress=(True, True))
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", fake_download)
+    data = load_data("fashion_mnist", str(tmp_path / "data"))
+    assert calls == [(str(tmp_path / "data"), True)]
+    assert (len(data.train), len(data.valid), len(data.test)) == (27, 3, 12) and data.notes == []
+
+
+def test_fashion_mnist_offline_without_the_package_names_both_ways(tmp_path, monkeypatch, debian_folder):
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", no_network)
+    with one_line_error(r"^Fashion-MNIST is not in .*FashionMNIST.raw and could not be downloaded \(no network\); "
+                        r"install the Debian package dataset-fashion-mnist .*, or put train-images-idx3-ubyte, "
+                        r"train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte .* in "
+                        r".*FashionMNIST.raw$"):
+        load_fashion_mnist(tmp_path)
+    assert not (tmp_path / "FashionMNIST").exists()
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda raw: raw[:len(raw) // 2], "Compressed file ended"),  # a download cut short
+    (lambda raw: raw[:40] + bytes(b ^ 0x5A for b in raw[40:]), ""),  # garbled deflate data
+    (lambda raw: b"not gzip" + raw, "Not a gzipped file"),
+])
+def test_fashion_mnist_damaged_file_is_a_clear_error(damage, message, tmp_path, debian_folder):
+    write_fashion_mnist(tmp_path)
+    path = tmp_path / "FashionMNIST" / "raw" / "train-images-idx3-ubyte.gz"
+    path.write_bytes(damage(path.read_bytes()))
+    with one_line_error(f"^cannot read Fashion-MNIST file .*train-images-idx3-ubyte.gz: .*{message}"):
+        load_fashion_mnist(tmp_path)
+
+
+def test_fashion_mnist_wrong_image_size_is_a_clear_error(tmp_path, debian_folder):
+    write_fashion_mnist(tmp_path)
+    write_idx(tmp_path / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte", np.ones((12, 32, 32), np.uint8))
+    with one_line_error("Fashion-MNIST test files .* are not N 28x28 images with N labels"):
+        load_fashion_mnist(tmp_path)
+
+
+@pytest.mark.skipif(not all((REAL_FASHION / f"{n}.gz").is_file() for n in data_module.MNIST_FILES.values()),
+                    reason=f"the real Fashion-MNIST files are not in {REAL_FASHION} (apt-get install "
+                           f"dataset-fashion-mnist)")
+def test_real_fashion_mnist_files_have_the_official_counts(tmp_path):
+    """The Debian package's files, read through the fallback: 60,000 training images (6,000 per class) of which
+    5,000 validate, and 10,000 test images (1,000 per class)."""
+    data = load_fashion_mnist(tmp_path)
+    assert (len(data.train), len(data.valid), len(data.test)) == (55_000, 5_000, 10_000)
+    assert data.train.images.shape[1:] == data.test.images.shape[1:] == (1, 32, 32)
+    train_labels = torch.cat([data.train.labels, data.valid.labels])
+    assert torch.bincount(train_labels, minlength=10).tolist() == [6_000] * 10
+    assert torch.bincount(data.test.labels, minlength=10).tolist() == [1_000] * 10
+    assert data.class_names == FASHION_NAMES and "read from" in data.notes[0]
+    assert data.test.images[:, :, :2].sum() == 0 and data.test.images[:, :, :, 30:].sum() == 0  # the padding
+    assert data.test.images.float().mean() > 50  # clothes, not blank pages (Fashion-MNIST's mean is about 73)
+
+
+def test_class_names_match_without_case_or_underscores():
+    """sample.py --classes sneaker,bag,"ankle boot": Fashion-MNIST's names as people type them."""
+    from sampling import parse_classes
+
+    assert parse_classes("sneaker,bag,ankle boot", FASHION_NAMES) == [7, 8, 9]
+    assert parse_classes("t-shirt/top, ANKLE_BOOT,Trouser, 4", FASHION_NAMES) == [0, 9, 1, 4]
+    assert parse_classes("ankle  Boot", FASHION_NAMES) == [9]
+    assert parse_classes("a,A", ["a", "A"]) == [0, 1]  # an exact name wins; "A" matches two names otherwise
+    with one_line_error(r"unknown class 'b'; valid: a, A, B_x"):
+        parse_classes("b", ["a", "A", "B_x"])
+    with one_line_error(r"unknown class 'boot'; valid: T-shirt/top, .*, Ankle boot \(or 0..9\)"):
+        parse_classes("boot", FASHION_NAMES)
+
+
+def test_dataset_aliases_are_stored_as_the_canonical_name():
+    from hps import dataset_shape, hparams_from_preset
+
+    for alias in ("fashion_mnist", "fashion-mnist", "fmnist"):
+        assert hparams_from_preset("mnist", {"dataset": alias}).dataset == "fashion_mnist"
+        assert dataset_shape(alias) == DATASET_SHAPES["mnist"]
+
+
+def test_mnist_preset_trains_on_fashion_mnist_and_samples_by_name(tmp_path, monkeypatch, debian_folder):
+    """--hps mnist --dataset fmnist end to end: the 28x28 clothes padded like the digits, then sample.py --classes
+    by their names."""
+    import sample
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    write_fashion_mnist(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    train.main(["--hps", "mnist", "--dataset", "fmnist", "--data_root", str(tmp_path / "data"), "--save_dir",
+                str(run_dir), "--width", "8", "--zdim", "2", "--num_mixtures", "2", "--enc_blocks", "32x1,32d4,8d8,1x1",
+                "--dec_blocks", "1x1,8m1,32m8", "--max_steps", "2", "--n_batch", "2", "--n_batch_eval", "8",
+                "--eval_every", "0", "--grad_checkpoint", "none", "--global_batch", "0"])
+    hps = torch.load(run_dir / "latest.pt", weights_only=True)["hps"]
+    assert (hps["dataset"], hps["pad"], hps["n_classes"], hps["image_size"]) == ("fashion_mnist", 2, 10, 32)
+    sample.main(["--weights", str(run_dir), "--classes", "sneaker,bag,ankle boot", "--n_per_class", "2",
+                 "--out", str(tmp_path / "clothes.npz")])
+    arrays = np.load(tmp_path / "clothes.npz")
+    assert arrays["images"].shape == (6, 28, 28, 1) and arrays["labels"].tolist() == [7, 7, 8, 8, 9, 9]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -563,12 +725,13 @@ def test_memory_mapped_split_batches(tmp_path):
 
 
 def test_load_data_names_every_dataset():
-    assert set(data_module.DATASETS) == {"cifar10", "cifar100", "mnist", "svhn", "celeba64", "imagenet32",
-                                         "imagenet64", "ffhq256", "ffhq1024", "folder", "digits"}
+    assert set(data_module.DATASETS) == {"cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "celeba64",
+                                         "imagenet32", "imagenet64", "ffhq256", "ffhq1024", "folder", "digits"}
     assert tuple(DATASET_SHAPES) == data_module.DATASETS  # code without data knows every dataset's shape
 
 
-@pytest.mark.parametrize("name,write", [("mnist", write_mnist), ("cifar100", write_cifar100),
+@pytest.mark.parametrize("name,write", [("mnist", write_mnist), ("fashion_mnist", write_fashion_mnist),
+                                        ("cifar100", write_cifar100),
                                         ("celeba64", write_celeba),
                                         ("imagenet32", lambda root: write_imagenet(root / "imagenet32", 32))])
 def test_loaders_give_the_shapes_the_table_promises(name, write, tmp_path):
