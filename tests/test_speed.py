@@ -88,7 +88,8 @@ def test_a_step_learns_and_a_bad_step_is_skipped_on_the_device(precision):
     assert skip.item()
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
     assert trainer.optimizer.state_dict()["state"][0]["step"].item() == 1  # Adam's clock did not move
-    assert any(not torch.equal(a, b) for a, b in zip(ema_before, trainer.ema.parameters()))  # EMA advances
+    # a skipped update leaves the EMA too (as openai/vdvae does; issue 39): only the schedule advances
+    assert all(torch.equal(a, b) for a, b in zip(ema_before, trainer.ema.parameters()))
 
 
 def test_non_finite_loss_is_skipped():
