@@ -232,30 +232,42 @@ def test_operator_count_does_not_grow_with_the_tensor_count(found_inf):
     assert 8 <= len(foreach) <= 16 and len(counts[0]) <= 32, counts[0]
 
 
-def test_state_dict_round_trip():
-    found = torch.zeros(())
+def trained_and_a_copy(steps: int) -> tuple[Adamax, list[torch.Tensor], list[torch.Tensor]]:
+    """An Adamax (lr 0.01, decay 0.05, reading found_inf) after ``steps`` updates of its parameters, and a second
+    set of parameters equal to them, for an optimiser loaded from its state dict."""
     params, other = make_params(), make_params(seed=5)
     opt = Adamax(params, lr=0.01, weight_decay=0.05)
-    opt.found_inf = found
-    for step in range(5):
+    opt.found_inf = torch.zeros(())
+    for step in range(steps):
         set_grads(params, gradients(step))
         opt.step()
     with torch.no_grad():
         for p, q in zip(params, other):
             q.copy_(p)
-    saved = copy.deepcopy(opt.state_dict())
-    # as a checkpoint saved and loaded on the CPU holds it
-    assert set(saved["state"][0]) == {"step", "exp_avg", "exp_inf"}
-    reloaded = Adamax(other, lr=0.5)
-    reloaded.load_state_dict(saved)
+    return opt, params, other
+
+
+def assert_resumes_alike(opt: Adamax, params: list[torch.Tensor], reloaded: Adamax, other: list[torch.Tensor],
+                         steps: range) -> None:
+    """The optimiser loaded from ``opt``'s state dict (reading found_inf too) takes the same updates, bit for bit."""
     reloaded.found_inf = torch.zeros(())
-    assert reloaded.param_groups[0]["lr"] == 0.01
-    for step in range(5, 10):
+    for step in steps:
         set_grads(params, gradients(step))
         set_grads(other, gradients(step))
         opt.step()
         reloaded.step()
     assert_bit_identical(snapshot(reloaded, other), snapshot(opt, params))
+
+
+def test_state_dict_round_trip():
+    opt, params, other = trained_and_a_copy(5)
+    saved = copy.deepcopy(opt.state_dict())
+    # as a checkpoint saved and loaded on the CPU holds it
+    assert set(saved["state"][0]) == {"step", "exp_avg", "exp_inf"}
+    reloaded = Adamax(other, lr=0.5)
+    reloaded.load_state_dict(saved)
+    assert reloaded.param_groups[0]["lr"] == 0.01
+    assert_resumes_alike(opt, params, reloaded, other, range(5, 10))
 
 
 def test_make_optimizer_skips_on_the_cpu():
@@ -417,28 +429,14 @@ def test_a_state_dict_with_a_step_count_per_tensor_loads():
     """A state dict whose states hold their own step counts (torch.optim.Adamax's, or this class's when it kept one
     per parameter) loads as one count per bucket, their maximum, and resumes as the optimiser it came from;
     stepping the loaded optimiser leaves the dict's counts as they were."""
-    params, other = make_params(), make_params(seed=5)
-    opt = Adamax(params, lr=0.01, weight_decay=0.05)
-    opt.found_inf = torch.zeros(())
-    for step in range(4):
-        set_grads(params, gradients(step))
-        opt.step()
-    with torch.no_grad():
-        for p, q in zip(params, other):
-            q.copy_(p)
+    opt, params, other = trained_and_a_copy(4)
     saved = copy.deepcopy(opt.state_dict())
     for state in saved["state"].values():  # as this class saved them before: a tensor of its own per state
         state["step"] = state["step"].clone()
     reloaded = Adamax(other, lr=0.5)
     reloaded.load_state_dict(saved)
-    reloaded.found_inf = torch.zeros(())
     assert len({id(reloaded.state[q]["step"]) for q in other}) == 1
-    for step in range(4, 7):
-        set_grads(params, gradients(step))
-        set_grads(other, gradients(step))
-        opt.step()
-        reloaded.step()
-    assert_bit_identical(snapshot(reloaded, other), snapshot(opt, params))
+    assert_resumes_alike(opt, params, reloaded, other, range(4, 7))
     assert all(float(state["step"]) == 4 for state in saved["state"].values())
     # counts that differ within a bucket (a parameter that joined late) become the largest
     saved["state"][2]["step"] = torch.tensor(1.0)
