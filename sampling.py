@@ -20,7 +20,7 @@ from hps import PRECISIONS
 from models import class_embedding_is_zero, load_model, require_2d_latent, require_ability
 from images import check_empty_folder, crop_padding, folder_name, labelled_grid, save_gif, save_grid, save_image_folder
 from utils import (CliParser, UserError, add_checkpoint_flags, autocast, available_memory, check_output_file,
-                   check_output_folder, pick_device, resolve_precision)
+                   check_output_folder, pick_device, raise_recompile_limit, resolve_precision)
 
 MODES = ("grid", "recon", "interp", "explore", "swap", "manifold")
 
@@ -177,7 +177,7 @@ def compiled_for_sampling(model: nn.Module, device: torch.device) -> nn.Module |
     if model not in _COMPILED_FOR_SAMPLING:
         # each distinct block shape is one compiled entry of the block's code; past dynamo's default limit of 8
         # the rest would silently run eager (as in Trainer._compile)
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        raise_recompile_limit(64)
         mode = "reduce-overhead" if device.type == "cuda" else None
         twin = copy.deepcopy(model)
         _COMPILED_FOR_SAMPLING[model] = twin if twin.compile_regions(mode=mode, dynamic=False) else None
