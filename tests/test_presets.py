@@ -12,8 +12,8 @@ import torch
 from conftest import run
 from hps import PRESETS, hparams_from_preset
 from test_data import write_cifar10
-from test_datasets import (write_celeba, write_cifar100, write_classes, write_imagenet, write_mnist, write_pngs,
-                           write_svhn)
+from test_datasets import (write_celeba, write_cifar100, write_classes, write_fashion_mnist, write_imagenet,
+                           write_mnist, write_pngs, write_svhn)
 from vae import VAE, count_parameters
 
 TINY_AT = {  # block specs of a tiny model ending at each size
@@ -30,6 +30,8 @@ DATASETS = {
     "cifar100": (write_cifar100, 32, {}),
     "svhn": (write_svhn, 32, {}),
     "mnist": (write_mnist, 32, {}),
+    "fashion_mnist": (write_fashion_mnist, 32, {}),
+    "fashion_mnist_cpu": (write_fashion_mnist, 32, {}),
     "celeba64": (write_celeba, 64, {}),
     "imagenet32": (lambda root: write_imagenet(root / "imagenet32", 32), 32, {}),
     "imagenet64": (lambda root: write_imagenet(root / "imagenet64", 64), 64, {}),
@@ -80,7 +82,7 @@ def test_preset_trains_a_tiny_variant_on_its_file_format(preset, tmp_path, monke
     expected_classes = {"celeba64": 40, "ffhq256": 0, "ffhq1024": 0, "folder": 2,
                         "cifar100": 100}.get(preset, 1000 if preset.startswith("imagenet") else 10)
     assert hps["n_classes"] == expected_classes and len(ckpt["class_names"]) == expected_classes
-    assert hps["multi_label"] == (preset == "celeba64") and hps["pad"] == (2 if preset == "mnist" else 0)
+    assert hps["multi_label"] == (preset == "celeba64") and hps["pad"] == (2 if "mnist" in preset else 0)
 
 
 def test_binarized_mnist_trains_with_a_bernoulli_likelihood_and_reports_nats(tmp_path, monkeypatch):
