@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iw_samples", type=int, default=1, help="posterior draws of the IW bound (1: the ELBO)")
     p.add_argument("--n_batch", type=int, default=64, help="rows per forward pass")
     p.add_argument("--no_classify", action="store_true", help="skip generative classification")
+    p.add_argument("--n_images", type=int, default=0, help="score this many images of the split, drawn at random "
+                   "with --seed (0: all; a quicker bound, e.g. for a large --iw_samples)")
     p.add_argument("--data_root", default=None, help="dataset folder (default: the checkpoint's)")
     p.add_argument("--out", default=None, help="JSON path (default: eval_<split>.json beside the checkpoint)")
     return p
@@ -79,11 +81,14 @@ def main(argv: list[str]) -> None:
     resolve_weights_flag(args)  # no --weights: ./weights.pt when here, else the shipped model (one line says which)
     if args.iw_samples < 1 or args.n_batch < 1:
         raise UserError("--iw_samples and --n_batch must be >= 1")
+    if args.n_images < 0:
+        raise UserError("--n_images must be >= 0 (0: the whole split)")
     out = Path(args.out) if args.out else default_report_path(args.weights, args.split)
     if args.out or out.parent.is_dir():  # (a default beside weights that do not exist: loading them says so)
         check_output_file(out, parent_must_exist=True)  # before the download, the data and the evaluation
     result = evaluate_checkpoint(args.weights, args.split, args.iw_samples, args.n_batch, not args.no_classify,
-                                 args.device, args.seed, not args.raw_weights, args.data_root, args.hps)
+                                 args.device, args.seed, not args.raw_weights, args.data_root, args.hps,
+                                 args.n_images)
     print(format_table(result))
     try:
         out.write_text(json.dumps(result, indent=1))

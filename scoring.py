@@ -205,10 +205,21 @@ def kl_per_resolution(model, kl_groups: list[float]) -> dict[str, float]:
     return out
 
 
+def random_subset(split: Split, n: int, seed: int) -> Split:
+    """``n`` images of ``split`` drawn without replacement (seeded), in their order; the whole split for n = 0 or
+    n >= its size."""
+    if n <= 0 or n >= len(split):
+        return split
+    rows = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return Split(split.images[rows], split.labels[rows])
+
+
 def evaluate_checkpoint(weights: str, split_name: str = "test", iw_samples: int = 1, batch_size: int = 64,
                         classify: bool = True, device: str = "auto", seed: int = 0,
-                        use_ema: bool = True, data_root: str | None = None, hps: str | None = None) -> dict:
-    """Every figure this module reports, as one JSON-ready dict."""
+                        use_ema: bool = True, data_root: str | None = None, hps: str | None = None,
+                        n_images: int = 0) -> dict:
+    """Every figure this module reports, as one JSON-ready dict; on ``n_images`` of the split (0: all) drawn at
+    random with ``seed`` when fewer."""
 
     t0 = time.perf_counter()
     dev = pick_device(device)
@@ -216,7 +227,7 @@ def evaluate_checkpoint(weights: str, split_name: str = "test", iw_samples: int 
     model, class_names = load_model(weights, dev, use_ema=use_ema, hps=hps)
     H = model.H
     data = load_data_for(H, data_root)
-    split = {"test": data.test, "valid": data.valid, "train": data.train}[split_name]
+    split = random_subset({"test": data.test, "valid": data.valid, "train": data.train}[split_name], n_images, seed)
     groups = "groups" in model.abilities  # a VDVAE: its latent channels' use too, from the same pass
     elbo = evaluate_elbo(model, split, batch_size, dev, seed, per_channel=groups)
     result = {

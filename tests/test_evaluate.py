@@ -118,6 +118,28 @@ def test_evaluate_cli_writes_every_field(tmp_path):
         assert len(bad.stderr.strip().splitlines()) == 1
 
 
+def test_random_subset_draws_distinct_rows_in_order_and_repeats_with_its_seed():
+    from scoring import random_subset
+
+    split = random_split(50)
+    part = random_subset(split, 12, seed=3)
+    rows = [next(i for i in range(50) if torch.equal(split.images[i], img)) for img in part.images]
+    assert len(set(rows)) == 12 and rows == sorted(rows)
+    assert torch.equal(part.labels, split.labels[rows])
+    assert torch.equal(random_subset(split, 12, seed=3).images, part.images)
+    assert not torch.equal(random_subset(split, 12, seed=4).images, part.images)
+    assert random_subset(split, 0, seed=3) is split and random_subset(split, 50, seed=3) is split
+
+
+def test_evaluate_cli_scores_a_random_subset(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    out = tmp_path / "eval.json"
+    result = run("evaluate.py", "--weights", str(run_dir), "--n_images", "40", "--no_classify", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["n_images"] == 40 and "(40 images" in result.stdout
+
+
 def test_figures_do_not_depend_on_the_batch_size_or_the_order_of_batches():
     """Each image's posterior noise comes from (seed, its index): the same --seed gives the same ELBO, IW bound and
     class scores at any --n_batch (the README figure came from one batch of 360, the default batch is 64)."""
@@ -182,6 +204,7 @@ EVALUATE_BAD_INPUTS = [
     (["--weights", "{RUN}", "--iw_samples", "0"], "--iw_samples and --n_batch must be >= 1"),
     (["--weights", "{RUN}", "--n_batch", "0"], "--iw_samples and --n_batch must be >= 1"),
     (["--weights", "{RUN}", "--n_batch", "x"], "argument --n_batch: invalid int value: 'x'"),
+    (["--weights", "{RUN}", "--n_images", "-1"], "--n_images must be >= 0"),
     (["--weights", "{RUN}", "--device", "tpu"], "unknown device 'tpu'"),
     (["--weights", "{RUN}", "--no_clasify"], "unrecognized arguments: --no_clasify"),
     # where the report goes: refused before the evaluation runs
