@@ -1,8 +1,10 @@
-"""Every model family on the digits, like for like (a benchmark: it prints a table and one JSON line).
+"""Every model family like for like: on the digits at the preset's budget, or on Fashion-MNIST at equal wall-clock
+(a benchmark: it prints a table and one JSON line).
 
     python bench/families.py --hps digits                       # every family, each as train.py runs it
     python bench/families.py --hps digits --families cvae,vlae  # some of them
     python bench/families.py --hps digits --max_steps 200       # a quick look (any train.py field is passed on)
+    python bench/families.py --hps fashion_mnist_cpu --minutes 10 --out runs/families_fashion
 
 Each family trains in a process of its own with exactly ``python train.py --hps digits --model NAME`` (the same
 data, steps, batch, optimiser and schedule: the preset's budget; the vqvae's prior then trains for the preset's
@@ -14,6 +16,15 @@ The per-class pixel-histogram baseline puts the figures in context. Writes each 
 
     {"baseline_bpd": ..., "families": {"vdvae": {"test_bpd", "test_bpd_iw", "gen_class_acc",
      "class_consistency", "params", "train_seconds", "perplexity"}, "cvae": {...}, ...}}
+
+On Fashion-MNIST (``--hps fashion_mnist_cpu``) every family trains for the same ``--minutes`` of training time on
+this machine: a short calibration run of each family (``--calibration_steps`` steps of each stage) measures its
+training speed, from which its steps are set (a family trained in stages gives each stage the same steps), so that
+its schedule, warm-up and cosine decay included, fits the minutes. Then the table gives the negative ELBO on the
+10,000 test images (train.py's closing evaluation), the importance-weighted bound on ``--iw_images`` of them drawn
+at random, and bench/judge.py's class-consistency and Frechet distance (in its classifier's features: not the
+Inception FID) of ``--judge_samples`` samples at the preset's temperature, with parameters and training seconds.
+Every run is kept in ``--out`` (a finished one is reused when run again).
 """
 from __future__ import annotations
 
@@ -27,10 +38,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # judge: the Fashion-MNIST sample judge
 
 from hps import MODELS  # noqa: E402
 from runlog import read_metrics  # noqa: E402
 from utils import UserError, check_output_file, check_output_folder, run_cli  # noqa: E402
+
+FASHION_PRESETS = ("fashion_mnist_cpu", "fashion_mnist")
 
 KEYS = ("test_bpd", "test_bpd_iw", "gen_class_acc", "class_consistency", "params", "train_seconds", "perplexity")
 
@@ -74,17 +88,26 @@ def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hps", default="digits", help="preset (digits: the only one with an offline sample judge)")
     p.add_argument("--families", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
-    p.add_argument("--iw_samples", type=int, default=100, help="posterior draws of the IW bound")
+    p.add_argument("--iw_samples", type=int, default=0, help="posterior draws of the IW bound (0: 100 on the "
+                   "digits, 20 on Fashion-MNIST's --iw_images)")
     p.add_argument("--out", default="", help="folder for the runs (default: a temporary folder)")
     p.add_argument("--pictures", default=str(ROOT / "assets" / "family_NAME.png"),
                    help="where each family's sample grid goes, NAME standing for the family ('' for none)")
+    p.add_argument("--minutes", type=float, default=0.0, help="Fashion-MNIST: training minutes of every family")
+    p.add_argument("--calibration_steps", type=int, default=60, help="Fashion-MNIST: steps of the speed run")
+    p.add_argument("--iw_images", type=int, default=1000, help="Fashion-MNIST: test images of the IW bound")
+    p.add_argument("--judge_samples", type=int, default=2000, help="Fashion-MNIST: samples the judge scores")
+    p.add_argument("--data_root", default="./data", help="Fashion-MNIST: where its files are (or go)")
+    p.add_argument("--judge_cache", default=None, help="Fashion-MNIST: where bench/judge.py's trained classifier is "
+                   "kept ('' for nowhere; default: judge.py's)")
     args, passed = p.parse_known_args(argv)
+    args.iw_samples = args.iw_samples or (20 if args.hps in FASHION_PRESETS else 100)
+    if args.hps in FASHION_PRESETS:
+        return main_fashion(args, passed)
     if args.hps != "digits":
-        raise UserError("bench/families.py scores samples with a classifier of the real digits: --hps digits only")
-    names = [n.strip() for n in args.families.split(",") if n.strip()]
-    unknown = [n for n in names if n not in MODELS]
-    if unknown or not names:
-        raise UserError(f"unknown family {unknown[0] if unknown else '(none)'!r}; valid: {', '.join(MODELS)}")
+        raise UserError(f"bench/families.py judges samples of the digits or of Fashion-MNIST: --hps digits or "
+                        f"{' or '.join(FASHION_PRESETS)}")
+    names = family_names(args.families)
     if args.out:  # every output checked before the first family trains
         check_output_folder(args.out, "--out")
     for name in names if args.pictures else ():
@@ -108,6 +131,119 @@ def main(argv: list[str]) -> None:
     print(f"| per-class pixel histograms | {baseline:.4f} | | | | | |")
     print(json.dumps({"baseline_bpd": baseline, "runs": str(out),
                       "families": {n: {k: r[k] for k in KEYS} for n, r in results.items()}}))
+
+
+def family_names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown or not names:
+        raise UserError(f"unknown family {unknown[0] if unknown else '(none)'!r}; valid: {', '.join(MODELS)}")
+    return names
+
+
+def stage_speeds(run_dir: Path) -> dict[str, float]:
+    """Steps per second of each stage of a run: the steps between its last two training records over the time
+    between them (so neither the start, the warm-up of the first window, nor a change of stage is counted)."""
+    records = [r for r in read_metrics(run_dir) if r.get("kind") == "train"]
+    speeds = {}
+    for before, after in zip(records, records[1:]):
+        if before["stage"] == after["stage"] and after["time"] > before["time"]:
+            speeds[after["stage"]] = (after["step"] - before["step"]) / (after["time"] - before["time"])
+    if not speeds:
+        raise UserError(f"{run_dir}: too few training records to measure a speed (raise --calibration_steps)")
+    return speeds
+
+
+def calibrate(name: str, args, passed: list[str], out: Path) -> tuple[int, dict[str, float]]:
+    """The steps per stage that fit ``--minutes`` of training, from a short run's measured speed."""
+    probe = out / f"{name}-speed"
+    steps = args.calibration_steps
+    if not finished_run(probe):
+        run([sys.executable, str(ROOT / "train.py"), "--hps", args.hps, "--model", name, "--save_dir", str(probe),
+             "--max_steps", str(steps), "--prior_steps", str(steps), "--log_every", str(max(1, steps // 3)),
+             "--eval_every", "0", "--save_every", str(steps), "--data_root", args.data_root, *passed])
+    speeds = stage_speeds(probe)
+    seconds_per_step = sum(1.0 / v for v in speeds.values())  # one step of every stage
+    return max(1, int(args.minutes * 60 / seconds_per_step)), speeds
+
+
+def finished_run(run_dir: Path) -> bool:
+    try:
+        return any(r.get("kind") == "final" for r in read_metrics(run_dir))
+    except UserError:  # no run there yet
+        return False
+
+
+def measure_family_fashion(name: str, args, passed: list[str], out: Path, judge) -> dict:
+    """Train one family for the minutes, then its held-out bounds and the judge's figures."""
+    import torch
+
+    from judge import draw, score_samples
+    from models import load_model
+    from scoring import evaluate_checkpoint
+    from vae import count_parameters
+
+    steps, speeds = calibrate(name, args, passed, out)
+    run_dir = out / name
+    if not finished_run(run_dir):
+        run([sys.executable, str(ROOT / "train.py"), "--hps", args.hps, "--model", name, "--save_dir", str(run_dir),
+             "--max_steps", str(steps), "--prior_steps", str(steps), "--data_root", args.data_root, *passed])
+    final = last_record(run_dir, "final")
+    report = evaluate_checkpoint(str(run_dir), "test", iw_samples=args.iw_samples, batch_size=250, classify=False,
+                                 device="cpu", data_root=args.data_root, n_images=args.iw_images)
+    model, _ = load_model(str(run_dir), torch.device("cpu"))
+    net, test_features = judge
+    labels = torch.arange(model.H.n_classes).repeat_interleave(args.judge_samples // model.H.n_classes)
+    images = draw(model, labels, model.H.temperature, 0.0, seed=0)
+    scores = score_samples(net, images, labels, test_features)
+    if args.pictures:
+        picture = Path(args.pictures.replace("NAME", name))
+        picture.parent.mkdir(parents=True, exist_ok=True)
+        run([sys.executable, str(ROOT / "sample.py"), "grid", "--weights", str(run_dir), "--n", "10", "--out",
+             str(picture)])
+    return {"test_bpd": final["test_bpd"], "test_bpd_iw": report["bpd_iw"], "iw_images": report["n_images"],
+            "class_consistency": scores["consistency"], "frechet": scores["frechet"],
+            "precision": scores["precision"], "recall": scores["recall"], "params": count_parameters(model),
+            "train_seconds": final["train_seconds"], "steps": steps, "steps_per_s": speeds}
+
+
+def main_fashion(args, passed: list[str]) -> None:
+    import torch
+
+    from data import load_data
+    from judge import DEFAULT_CACHE, batched, fit_judge
+    from images import crop_padding
+
+    if args.minutes <= 0:
+        raise UserError("--hps fashion_mnist_cpu compares the families at equal wall-clock: give --minutes M")
+    if args.calibration_steps < 6 or args.iw_images < 0 or args.judge_samples < 10:
+        raise UserError("--calibration_steps must be >= 6, --iw_images >= 0 and --judge_samples >= 10")
+    names = family_names(args.families)
+    if args.out:
+        check_output_folder(args.out, "--out")
+    for name in names if args.pictures else ():
+        check_output_file(args.pictures.replace("NAME", name))
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="families-fashion-"))
+    data = load_data("fashion_mnist", args.data_root)
+    cache = DEFAULT_CACHE if args.judge_cache is None else Path(args.judge_cache) if args.judge_cache else None
+    net, accuracy = fit_judge(data, pad=2, cache=cache)
+    test_features = batched(net.features, crop_padding(data.test.images, 2)).numpy()
+    print(f"judge: test accuracy {accuracy:.4f}", flush=True)
+    results = {}
+    for name in names:
+        r = results[name] = measure_family_fashion(name, args, passed, out, (net, test_features))
+        print(f"{name:6s} {r['steps']} steps in {r['train_seconds']:.0f} s: test {r['test_bpd']:.4f} bits/dim, IW "
+              f"{r['test_bpd_iw']:.4f}, consistency {r['class_consistency']:.3f}, Frechet {r['frechet']:.2f}, "
+              f"{r['params']:,} parameters", flush=True)
+    print(f"\n| family | steps | training s | test bits/dim | IW bound (K={args.iw_samples}, {args.iw_images} images) | "
+          f"class-consistency | Frechet (judge) | precision | recall | parameters |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['steps']:,} | {r['train_seconds']:.0f} | {r['test_bpd']:.4f} | {r['test_bpd_iw']:.4f} | "
+              f"{r['class_consistency']:.3f} | {r['frechet']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | "
+              f"{r['params']:,} |")
+    print(json.dumps({"hps": args.hps, "minutes": args.minutes, "judge_test_accuracy": accuracy, "runs": str(out),
+                      "families": results}))
 
 
 if __name__ == "__main__":
