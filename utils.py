@@ -19,14 +19,15 @@ class UserError(Exception):
 
 
 def run_cli(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
-    """Run ``main``; user errors become one line on stderr and exit 2 (tracebacks only with --debug).
+    """Run ``main``; user errors, and a FloatingPointError (a sample a model cannot draw in finite numbers), become
+    one line on stderr and exit 2 (tracebacks only with --debug).
 
     A process that took part in a torchrun job leaves through ``exit_without_finalizing`` (see there)."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         try:
             main(argv)
-        except UserError as err:
+        except (UserError, FloatingPointError) as err:  # the second: a model's maths left the finite numbers
             if "--debug" in argv:
                 traceback.print_exc()
             print(f"error: {err}", file=sys.stderr)

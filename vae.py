@@ -449,6 +449,10 @@ class VAE(Family):
             px_z = px_z[:n]
         else:
             px_z, _ = self.decoder(None, labels, batch=n, temperature=temperature, noises=noises)
+        if not torch.isfinite(px_z).all():  # NaN pixel logits would fail deep in the sampler, or give noise silently
+            cause = ("the guided latents left the range it was trained on: lower --guidance" if guides(guidance)
+                     else "lower --temperature, or check the weights")
+            raise FloatingPointError(f"sampling stopped: the decoder's output is not finite ({cause})")
         return self.levels_to_uint8(self.decoder.out_net.sample(px_z, shared_noise=shared_pixel_noise))
 
     @torch.no_grad()

@@ -206,3 +206,23 @@ def test_label_dropout_needs_single_class_labels():
         h = tiny_hps(label_dropout=0.1, n_classes=n_classes)
         with pytest.raises(UserError, match="--label_dropout needs a class-conditional model"):
             fill_derived(h, 8, 1, multi, 10)
+
+
+@pytest.mark.parametrize("guidance, advice", [(0.0, "lower --temperature"), (1.0, "lower --guidance")])
+def test_a_sample_the_decoder_cannot_draw_in_finite_numbers_stops_with_one_line(guidance, advice, capsys):
+    """A decoder driven out of range (on the Fashion-MNIST model, guidance 1 at the top group did it): NaN pixel
+    logits stop sampling with a FloatingPointError naming the cause, which the command line turns into one line
+    and exit 2, not the multinomial's traceback deep in the sampler."""
+    from utils import run_cli
+
+    model = build_model(tiny_hps(label_dropout=0.1)).eval()
+    with torch.no_grad():
+        model.decoder.bias_xs[0].fill_(float("nan"))  # the top state: every feature below it is NaN
+    with pytest.raises(FloatingPointError, match=advice):
+        model.sample(4, torch.arange(4), 1.0, guidance=guidance)
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        run_cli(lambda argv: model.sample(4, torch.arange(4), 1.0, guidance=guidance), [])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and advice in err and len(err.strip().splitlines()) == 1
