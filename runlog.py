@@ -189,6 +189,14 @@ class LatentTrajectory:
 # ---------------------------------------------------------------------------------------------
 
 
+def run_finished(run_dir: str | Path) -> bool:
+    """Whether a run folder's training reached its end (train.py's final record); False where no run is yet."""
+    try:
+        return any(r.get("kind") == "final" or "test_bpd" in r for r in read_metrics(run_dir))
+    except (OSError, ValueError, UserError):
+        return False
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """The records of a run folder's metrics.jsonl; a half-written last line (a run killed while writing it) is
     left out."""

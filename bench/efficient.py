@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from runlog import read_metrics  # noqa: E402
+from runlog import read_metrics, run_finished  # noqa: E402
 from scoring import evaluate_checkpoint  # noqa: E402
 from utils import UserError, run_cli  # noqa: E402
 
@@ -55,15 +55,8 @@ OPTIONS["all of them"] = [a for name, args in OPTIONS.items() if name not in ("d
 FIXED = ["--hps", "digits", "--curves", "false"]
 
 
-def finished(run_dir: Path) -> bool:
-    try:
-        return any(r.get("kind") == "final" for r in read_metrics(run_dir))
-    except (OSError, ValueError, UserError):
-        return False
-
-
 def train_variant(name: str, run_dir: Path, threads: int | None) -> None:
-    if not finished(run_dir):
+    if not run_finished(run_dir):
         t0 = time.perf_counter()
         env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
         done = subprocess.run([sys.executable, str(ROOT / "train.py"), *FIXED, *OPTIONS[name], "--save_dir",

@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(Path(__file__).resolve().parent))  # judge: the Fashion-MNIST sample judge
 
 from hps import MODELS  # noqa: E402
-from runlog import read_metrics  # noqa: E402
+from runlog import read_metrics, run_finished  # noqa: E402
 from utils import UserError, check_output_file, check_output_folder, run_cli  # noqa: E402
 
 FASHION_PRESETS = ("fashion_mnist_cpu", "fashion_mnist")
@@ -158,20 +158,13 @@ def calibrate(name: str, args, passed: list[str], out: Path) -> tuple[int, dict[
     """The steps per stage that fit ``--minutes`` of training, from a short run's measured speed."""
     probe = out / f"{name}-speed"
     steps = args.calibration_steps
-    if not finished_run(probe):
+    if not run_finished(probe):
         run([sys.executable, str(ROOT / "train.py"), "--hps", args.hps, "--model", name, "--save_dir", str(probe),
              "--max_steps", str(steps), "--prior_steps", str(steps), "--log_every", str(max(1, steps // 3)),
              "--eval_every", "0", "--save_every", str(steps), "--data_root", args.data_root, *passed])
     speeds = stage_speeds(probe)
     seconds_per_step = sum(1.0 / v for v in speeds.values())  # one step of every stage
     return max(1, int(args.minutes * 60 / seconds_per_step)), speeds
-
-
-def finished_run(run_dir: Path) -> bool:
-    try:
-        return any(r.get("kind") == "final" for r in read_metrics(run_dir))
-    except UserError:  # no run there yet
-        return False
 
 
 def measure_family_fashion(name: str, args, passed: list[str], out: Path, judge) -> dict:
@@ -185,7 +178,7 @@ def measure_family_fashion(name: str, args, passed: list[str], out: Path, judge)
 
     steps, speeds = calibrate(name, args, passed, out)
     run_dir = out / name
-    if not finished_run(run_dir):
+    if not run_finished(run_dir):
         run([sys.executable, str(ROOT / "train.py"), "--hps", args.hps, "--model", name, "--save_dir", str(run_dir),
              "--max_steps", str(steps), "--prior_steps", str(steps), "--data_root", args.data_root, *passed])
     final = last_record(run_dir, "final")
@@ -208,9 +201,8 @@ def measure_family_fashion(name: str, args, passed: list[str], out: Path, judge)
 
 
 def main_fashion(args, passed: list[str]) -> None:
-    import torch
-
     from data import load_data
+    from hps import DATASET_SHAPES
     from judge import DEFAULT_CACHE, batched, fit_judge
     from images import crop_padding
 
@@ -226,8 +218,9 @@ def main_fashion(args, passed: list[str]) -> None:
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="families-fashion-"))
     data = load_data("fashion_mnist", args.data_root)
     cache = DEFAULT_CACHE if args.judge_cache is None else Path(args.judge_cache) if args.judge_cache else None
-    net, accuracy = fit_judge(data, pad=2, cache=cache)
-    test_features = batched(net.features, crop_padding(data.test.images, 2)).numpy()
+    pad = DATASET_SHAPES["fashion_mnist"].pad
+    net, accuracy = fit_judge(data, pad=pad, cache=cache)
+    test_features = batched(net.features, crop_padding(data.test.images, pad)).numpy()
     print(f"judge: test accuracy {accuracy:.4f}", flush=True)
     results = {}
     for name in names:

@@ -39,23 +39,15 @@ from data import load_digits  # noqa: E402
 from images import labelled_grid  # noqa: E402
 from models import load_model  # noqa: E402
 from quality import fit_classifier  # noqa: E402
-from runlog import read_metrics  # noqa: E402
+from runlog import run_finished  # noqa: E402
 from scoring import evaluate_checkpoint  # noqa: E402
 from utils import UserError, check_output_file, run_cli, seeded  # noqa: E402
 
 GUIDABLE = ("vdvae", "vlae", "vqvae")
 
 
-def finished(run_dir: Path) -> bool:
-    """A run folder whose training reached its end (train.py's final record)."""
-    try:
-        return any(r.get("kind") == "final" or "test_bpd" in r for r in read_metrics(run_dir))
-    except (OSError, ValueError, UserError):  # no run there yet
-        return False
-
-
 def train(run_dir: Path, family: str, label_dropout: float, extra: list[str]) -> None:
-    if finished(run_dir):
+    if run_finished(run_dir):
         print(f"reusing {run_dir}", flush=True)
         return
     command = [sys.executable, str(ROOT / "train.py"), "--hps", "digits", "--model", family, "--label_dropout",

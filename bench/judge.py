@@ -212,7 +212,6 @@ def main(argv: list[str]) -> None:
     args = p.parse_args(argv)
     temperatures = parse_floats(args.temperatures, "--temperatures")
     scales = parse_floats(args.guidance, "--guidance")
-    torch.set_num_threads(torch.get_num_threads())
 
     model, class_names = load_model(args.weights, torch.device("cpu"))
     H = model.H
