@@ -42,8 +42,8 @@ def test_the_guided_gaussian_is_the_normalised_product_of_densities(mu_c, s_c, m
 
 
 def test_where_the_product_is_no_distribution_it_falls_back_to_mean_only_guidance():
-    """s_u^2 <= s_c^2 w / (1+w): the product's precision is not positive; near it, below the floor, the mean would
-    diverge. Those dimensions take (1+w) mu_c - w mu_u with the conditional's sigma; the rest the product."""
+    """s_u^2 <= s_c^2 w / (1+w): the product's precision is not positive; near it the mean would diverge. Those
+    dimensions take (1+w) mu_c - w mu_u with the conditional's sigma; the rest the product."""
     w = 2.0
     s_c = torch.tensor([1.0, 1.0, 1.0, 1.0])
     # precision (1+w)/s_c^2 - w/s_u^2 at s_u^2 = 2/3 (exactly 0), below (negative), just above 0, and well above
@@ -58,6 +58,36 @@ def test_where_the_product_is_no_distribution_it_falls_back_to_mean_only_guidanc
     numeric_mean, numeric_sd = numeric_guided_moments(1.0, 1.0, 0.2, 3.0, w)
     assert mean[3].item() == pytest.approx(numeric_mean, abs=1e-4)
     assert math.exp(logsigma[3].item()) == pytest.approx(numeric_sd, rel=1e-4)
+
+
+def test_the_guided_prior_is_never_wider_than_the_conditional():
+    """Where the conditional is wider than the unconditional (s_c > s_u) the exact product is wider still, and
+    falls back; elsewhere it is the product, never wider than s_c. The case that drew NaN samples: the Fashion-MNIST
+    model's top group, Shirt against the null label at w = 1, whose product N(1.73, 1.71^2) is wider than both."""
+    g = torch.Generator().manual_seed(0)
+    mu_c, mu_u = torch.randn(10_000, generator=g), torch.randn(10_000, generator=g)
+    logsigma_c, logsigma_u = torch.randn(10_000, generator=g), torch.randn(10_000, generator=g)
+    for w in (0.5, 1.0, 4.0):
+        mean, logsigma, fell_back = guided_gaussian(mu_c, logsigma_c, mu_u, logsigma_u, w)
+        assert (logsigma <= logsigma_c + 1e-6).all()
+        assert fell_back.tolist() == (logsigma_c > logsigma_u).tolist()
+        assert torch.isfinite(mean).all()
+    mean, logsigma, fell_back = guided_gaussian(*(torch.tensor([v]) for v in (0.481, math.log(1.24), 0.035,
+                                                                            math.log(1.02))), 1.0)
+    assert fell_back.item()
+    assert mean.item() == pytest.approx(2 * 0.481 - 0.035) and math.exp(logsigma.item()) == pytest.approx(1.24)
+
+
+def test_the_two_rules_meet_where_the_priors_are_equally_wide():
+    """At s_c = s_u the product and the mean-only rule give the same Gaussian, so the guided prior does not jump
+    as s_u crosses s_c."""
+    mu_c, mu_u, w = torch.tensor([0.7, 0.7]), torch.tensor([-0.4, -0.4]), 2.0
+    logsigma_c = torch.tensor([math.log(0.8)] * 2)
+    logsigma_u = torch.tensor([math.log(0.8) - 1e-5, math.log(0.8) + 1e-5])  # just narrower, just wider
+    mean, logsigma, fell_back = guided_gaussian(mu_c, logsigma_c, mu_u, logsigma_u, w)
+    assert fell_back.tolist() == [True, False]
+    torch.testing.assert_close(mean[0], mean[1], atol=1e-3, rtol=0)
+    torch.testing.assert_close(logsigma[0], logsigma[1], atol=1e-4, rtol=0)
 
 
 def test_dropped_labels_of_shards_are_the_global_batch_s():
