@@ -19,6 +19,7 @@ from test_datasets import write_fashion_mnist  # noqa: E402
 from test_presets import final_record, tiny_args  # noqa: E402
 
 from data import load_data  # noqa: E402
+from utils import UserError  # noqa: E402
 
 
 def test_frechet_distance_of_diagonal_gaussians_equals_the_closed_form():
@@ -170,6 +171,7 @@ def test_families_on_fashion_mnist_fit_the_minutes_and_report_every_figure(tiny_
     for name in ("cvae", "vqvae"):
         r = report["families"][name]
         assert r["iw_images"] == 8 and r["test_bpd"] > 0 and r["test_bpd_iw"] > 0 and 0 <= r["class_consistency"] <= 1
+        assert r["calibration_matched"]  # both runs trained with the same speed settings
         # the steps fit the minutes at the speed measured: one step of every stage
         seconds_per_step = sum(1 / v for v in r["steps_per_s"].values())
         assert r["steps"] == max(1, int(0.05 * 60 / seconds_per_step))
@@ -183,3 +185,33 @@ def test_families_on_fashion_mnist_need_minutes(tiny_fashion_run):
     root, _ = tiny_fashion_run
     result = run("bench/families.py", "--hps", "fashion_mnist_cpu", "--data_root", str(root / "data"))
     assert result.returncode == 2 and "give --minutes M" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_family_that_fails_on_fashion_mnist_is_a_row_and_the_others_run(monkeypatch):
+    """measure_family_fashion: a failed run (its UserError) becomes {"failed": why}, with the family's own rate."""
+    import argparse
+
+    import families
+
+    seen = {}
+
+    def fails(name, args, passed, out, judge):
+        seen[name] = passed
+        raise UserError("train.py ... failed: error: stopped at step 200: 100 updates in a row were skipped")
+
+    monkeypatch.setattr(families, "train_and_score_fashion", fails)
+    args = argparse.Namespace(lr_of=families.parse_lr_of("cvae=2e-3"))
+    row = families.measure_family_fashion("cvae", args, ["--width", "8"], Path("."), None)
+    assert row == {"failed": "train.py ... failed: error: stopped at step 200: 100 updates in a row were skipped",
+                   "lr": "2e-3"}
+    assert seen["cvae"] == ["--width", "8", "--lr", "2e-3"]
+    families.measure_family_fashion("vdvae", args, [], Path("."), None)
+    assert seen["vdvae"] == []  # no rate of its own: the preset's
+
+
+@pytest.mark.parametrize("text", ["cvae=0", "cvae=fast", "gan=1e-3"])
+def test_lr_of_refuses_what_is_not_a_family_s_positive_rate(text):
+    import families
+
+    with pytest.raises(UserError):
+        families.parse_lr_of(text)
