@@ -421,16 +421,47 @@ class VAE(Family):
 
     @torch.no_grad()
     def log_importance_weights(self, images: torch.Tensor, labels: torch.Tensor | None = None,
-                               noises: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+                               noises: Sequence[torch.Tensor] | None = None, n_prior: int = 0) -> torch.Tensor:
         """One posterior draw per image: log p(x|z,y) + log p(z|y) - log q(z|x,y) in nats, shape (B,).
 
         The mean over draws is the ELBO; log-mean-exp over K draws is the importance-weighted bound
-        (Burda et al. 2016), which tightens towards log p(x|y) as K grows.
+        (Burda et al. 2016), which tightens towards log p(x|y) as K grows. With ``n_prior`` = k > 0 the k lowest
+        (last, finest) groups are drawn from their conditional prior given the draws above and leave the weight:
+        one draw of the importance-weighted L>k of Havtorn et al. 2021 (see ``bounds_with_prior_below``).
         """
         enc_in, target = self.preprocess(images)
-        px_z, stats = self.decoder(self.encoder(enc_in), labels, log_ratio=True, noises=noises)
+        px_z, stats = self.decoder(self.encoder(enc_in), labels, n_posterior=self._n_posterior(n_prior),
+                                   log_ratio=True, noises=noises)
         log_px_z = -self.decoder.out_net.nll(px_z, target)
-        return log_px_z - sum(s["log_ratio"].sum(dim=(1, 2, 3)) for s in stats)
+        return log_px_z - sum(s["log_ratio"].sum(dim=(1, 2, 3)) for s in stats if "log_ratio" in s)
+
+    @torch.no_grad()
+    def bounds_with_prior_below(self, images: torch.Tensor, labels: torch.Tensor | None, ks: Sequence[int],
+                                noises: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """The negative bound L>k of Havtorn et al. 2021 ("Hierarchical VAEs Know What They Don't Know") for each
+        k in ``ks``, in bits/dim, shape (B, len(ks)).
+
+        L>k = E[log p(x|z)] - sum over the groups above the k lowest of KL(q(z_i|z_<i,x,y) || p(z_i|z_<i,y)), the
+        expectation over the posterior above and the conditional prior p(z_i|z_<i,y) for the k lowest (finest)
+        groups: the bound as it would be if the model had to guess the image's details from its coarse latents.
+        k = 0 is the ELBO (forward's ``loss_per_image`` to the bit); k = n_groups decodes a draw of the prior alone.
+        One encoder pass serves every k; ``noises`` fixes every group's standard-normal noise (posterior or prior)."""
+        enc_in, target = self.preprocess(images)
+        activations = self.encoder(enc_in)
+        ndims = self.scored_dims(images.shape[1:])
+        bounds = []
+        for k in ks:
+            px_z, stats = self.decoder(activations, labels, n_posterior=self._n_posterior(k), noises=noises)
+            recon_nats = self.decoder.out_net.nll(px_z, target)
+            kl_groups = torch.stack([s["kl"].sum(dim=(1, 2, 3)) if "kl" in s else torch.zeros_like(recon_nats)
+                                     for s in stats], dim=1)
+            bounds.append(elbo_report(recon_nats, kl_groups, ndims)["loss_per_image"])
+        return torch.stack(bounds, dim=1)
+
+    def _n_posterior(self, n_prior: int) -> int:
+        if not 0 <= n_prior <= self.n_groups:
+            raise ValueError(f"k must be in 0..{self.n_groups} (the latent groups), got {n_prior}")
+        return self.n_groups - n_prior
 
     # ---- generation ---------------------------------------------------------------------------
     @torch.no_grad()
