@@ -19,6 +19,7 @@ positives: AUROC, AUPRC (average precision) and the false-positive rate at 80% t
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,8 +29,9 @@ import torch.nn.functional as F
 from checkpoint import resolve_checkpoint
 from data import Split, binarized, eval_batches, load_data, load_data_for
 from hps import canonical_dataset, dataset_shape
+from images import crop_padding
 from models import load_model, local_weights
-from scoring import class_conditional_bpd, posterior_noise, random_subset
+from scoring import class_conditional_bpd, importance_weighted_bpd, posterior_noise, random_subset
 from utils import UserError, pick_device
 
 # Validation inliers whose mean ELBO is typicality's reference when no selection set is given
@@ -59,12 +61,12 @@ def to_model_images(images: torch.Tensor, source_pad: int, H) -> torch.Tensor:
     """uint8 images (N, C, h, w) of another dataset, ``source_pad`` pixels of zero border around them, as the model
     sees its own: its channels (only equal counts: no colour is invented or thrown away), its scored size (resized:
     area averaging down, bilinear up) inside its border, and its pixel levels."""
-    n, channels, height, width = images.shape
+    _, channels, height, width = images.shape
     if channels != H.image_channels:
         raise UserError(f"cannot bring {channels}-channel images to this {H.image_channels}-channel model")
     if height != width:
         raise UserError(f"cannot bring {height}x{width} images to this model's square ones")
-    content = images[..., source_pad:height - source_pad, source_pad:width - source_pad].float()
+    content = crop_padding(images, source_pad).float()
     target = H.image_size - 2 * H.pad
     if content.shape[-1] != target:
         mode = "area" if content.shape[-1] > target else "bilinear"
@@ -76,9 +78,10 @@ def to_model_images(images: torch.Tensor, source_pad: int, H) -> torch.Tensor:
     return F.pad(out, (H.pad,) * 4) if H.pad else out
 
 
-def outlier_split(data, name: str, H, split: str = "test") -> Split:
-    """One split of a loaded dataset ``name``, brought to the model's images (``to_model_images``); labels kept."""
-    source = data.test if split == "test" else data.valid
+def outlier_split(data, name: str, H) -> Split:
+    """The test split of a loaded dataset ``name``, brought to the model's images (``to_model_images``); labels
+    kept."""
+    source = data.test
     images = to_model_images(source.images[:len(source)], dataset_shape(name).pad, H)
     out = Split(images, source.labels)
     return binarized(out) if H.likelihood == "bernoulli" else out
@@ -99,9 +102,8 @@ def equal_sets(inliers: Split, outliers: Split, n: int, seed: int) -> tuple[Spli
 
 @dataclass
 class ScoreSettings:
-    """How one set of images is scored: the groups' k values (0 first), the IW draws, the batch and the device."""
+    """How images are scored: the IW draws, the batch, the device and the seed of the posterior noise."""
 
-    ks: list[int]
     iw_samples: int
     batch_size: int
     device: torch.device
@@ -128,7 +130,8 @@ def score_labels(model, split: Split, batch_size: int, device: torch.device, see
 
 
 @torch.no_grad()
-def group_bounds(model, split: Split, labels: torch.Tensor | None, settings: ScoreSettings) -> torch.Tensor:
+def group_bounds(model, split: Split, labels: torch.Tensor | None, ks: list[int],
+                 settings: ScoreSettings) -> torch.Tensor:
     """(N, len(ks)) negative L>k in bits/dim (k = 0: the ELBO) under ``labels``; each image's noise from (seed,
     its index), the same for every k."""
     model.eval()
@@ -138,32 +141,19 @@ def group_bounds(model, split: Split, labels: torch.Tensor | None, settings: Sco
         noises = posterior_noise(model, range(first, first + n), settings.seed, settings.device)
         y = None if labels is None else labels[first:first + n].to(settings.device)
         if "groups" in model.abilities:
-            rows.append(model.bounds_with_prior_below(images.to(settings.device), y, settings.ks, noises).float().cpu())
+            rows.append(model.bounds_with_prior_below(images.to(settings.device), y, ks, noises).float().cpu())
         else:  # one latent: the ELBO only
             rows.append(model(images.to(settings.device), y, noises=noises)["loss_per_image"].float().cpu()[:, None])
         first += n
     return torch.cat(rows).double()
 
 
-@torch.no_grad()
-def iw_bounds(model, split: Split, labels: torch.Tensor | None, k: int, settings: ScoreSettings) -> torch.Tensor:
-    """(N,) the importance-weighted negative L>k (k = 0: the IW bound) with ``settings.iw_samples`` draws, bits/dim."""
-    model.eval()
-    draws = settings.iw_samples
-    dims = model.scored_dims(split.images.shape[1:])
-    per_chunk = max(1, settings.batch_size // draws)
-    out, first = [], 0
-    for images, _ in eval_batches(split, per_chunk):
-        n = len(images)
-        x = images.repeat_interleave(draws, dim=0).to(settings.device)
-        y = None if labels is None else labels[first:first + n].repeat_interleave(draws, dim=0).to(settings.device)
-        keys = range(first * draws, (first + n) * draws)  # draw j of image i: key i * K + j
-        noises = posterior_noise(model, keys, settings.seed, settings.device)
-        extra = {"n_prior": k} if k else {}
-        log_w = model.log_importance_weights(x, y, noises, **extra).double().cpu().reshape(n, draws)
-        out.append(-(torch.logsumexp(log_w, dim=1) - math.log(draws)) / (dims * math.log(2.0)))
-        first += n
-    return torch.cat(out)
+def iw_bounds(model, split: Split, labels: torch.Tensor | None, k: int, settings: ScoreSettings) -> np.ndarray:
+    """(N,) the importance-weighted negative L>k (k = 0: the IW bound) with ``settings.iw_samples`` draws under
+    ``labels``, in bits/dim."""
+    relabelled = split if labels is None else Split(split.images, labels)
+    return importance_weighted_bpd(model, relabelled, settings.iw_samples, settings.batch_size, settings.device,
+                                   settings.seed, n_prior=k).numpy()
 
 
 def resolution_ks(model) -> dict[str, int]:
@@ -173,13 +163,13 @@ def resolution_ks(model) -> dict[str, int]:
     return {str(res): sum(b >= res for b in bases) for res in sorted(set(bases), reverse=True)}
 
 
-def all_scores(model, split: Split, settings: ScoreSettings, valid_mean: float | None = None,
+def all_scores(model, split: Split, ks: list[int], settings: ScoreSettings, valid_mean: float | None = None,
                label_free: bool = True) -> dict:
     """Every score of every image of ``split`` (numpy arrays, higher = outlier), with ``per_k``: the (N, len(ks))
     negative L>k, and the ``labels`` the scores were taken under. ``valid_mean``: the validation inliers' mean
     ELBO, for typicality (None: not scored); ``label_free``: the class-marginal bound too."""
     extra, labels = score_labels(model, split, settings.batch_size, settings.device, settings.seed, label_free)
-    bounds = group_bounds(model, split, labels, settings)
+    bounds = group_bounds(model, split, labels, ks, settings)
     elbo = bounds[:, 0]
     scores = {"elbo": elbo.numpy(), **extra}
     if labels is not None and model.H.label_dropout > 0 and label_free:
@@ -221,17 +211,14 @@ def ood_report(model, inliers: Split, outliers: Split, valid_inliers: Split, sel
     """Every score's metrics on the (equal-sized) test pair; L>k and LLR>k for every k, with the k of each (and of
     each by resolution) chosen on the validation inliers against ``select_outliers``, or on the test pair itself
     when None (said in ``k_chosen_on``), or ``fixed_k``; the per-image scores of the headline ones. With
-    ``settings.iw_samples`` > 1, also the IW bound and the IW LLR>k at the chosen k. ``settings.ks`` is ignored:
-    every k from 0 to the groups is scored."""
+    ``settings.iw_samples`` > 1, also the IW bound and the IW LLR>k at the chosen k."""
     check_k(model, fixed_k)
     groups = "groups" in model.abilities
     ks = list(range(model.n_groups + 1)) if groups else [0]
-    every_k = ScoreSettings(ks, 1, settings.batch_size, settings.device, settings.seed)
     selecting = groups and select_outliers is not None and fixed_k is None
-    valid = all_scores(model, valid_inliers, every_k if selecting else
-                       ScoreSettings([0], 1, settings.batch_size, settings.device, settings.seed), label_free=False)
+    valid = all_scores(model, valid_inliers, ks if selecting else [0], settings, label_free=False)
     valid_mean = float(valid["per_k"][:, 0].mean())
-    test_in, test_out = (all_scores(model, s, every_k, valid_mean) for s in (inliers, outliers))
+    test_in, test_out = (all_scores(model, s, ks, settings, valid_mean) for s in (inliers, outliers))
     metrics = {name: detection_metrics(test_in["scores"][name], test_out["scores"][name])
                for name in test_in["scores"]}
     report = {"n_inliers": len(inliers), "n_outliers": len(outliers), "n_valid_inliers": len(valid_inliers),
@@ -245,7 +232,7 @@ def ood_report(model, inliers: Split, outliers: Split, valid_inliers: Split, sel
         if fixed_k is not None:
             chooser, report["k_chosen_on"] = None, "--ood_k"
         elif selecting:
-            chooser = metrics_per_k(valid["per_k"], all_scores(model, select_outliers, every_k,
+            chooser = metrics_per_k(valid["per_k"], all_scores(model, select_outliers, ks, settings,
                                                                label_free=False)["per_k"], ks)
             report["k_chosen_on"] = "validation inliers against the selection outliers (--ood_select)"
             report["n_select_outliers"] = len(select_outliers)
@@ -261,14 +248,14 @@ def ood_report(model, inliers: Split, outliers: Split, valid_inliers: Split, sel
         per_image[f"LLR>{k}"] = (test_in["per_k"][:, k] - test_in["per_k"][:, 0],
                                  test_out["per_k"][:, k] - test_out["per_k"][:, 0])
     if settings.iw_samples > 1:
-        iw_in = iw_bounds(model, inliers, test_in["labels"], 0, settings).numpy()
-        iw_out = iw_bounds(model, outliers, test_out["labels"], 0, settings).numpy()
+        iw_in = iw_bounds(model, inliers, test_in["labels"], 0, settings)
+        iw_out = iw_bounds(model, outliers, test_out["labels"], 0, settings)
         metrics[f"iw (K={settings.iw_samples})"] = detection_metrics(iw_in, iw_out)
         per_image[f"iw (K={settings.iw_samples})"] = (iw_in, iw_out)
         if groups:
             k = report["chosen_k"]["LLR"]
-            llr_in = iw_bounds(model, inliers, test_in["labels"], k, settings).numpy() - iw_in
-            llr_out = iw_bounds(model, outliers, test_out["labels"], k, settings).numpy() - iw_out
+            llr_in = iw_bounds(model, inliers, test_in["labels"], k, settings) - iw_in
+            llr_out = iw_bounds(model, outliers, test_out["labels"], k, settings) - iw_out
             name = f"LLR>{k} (IW, K={settings.iw_samples})"
             metrics[name] = detection_metrics(llr_in, llr_out)
             per_image[name] = (llr_in, llr_out)
@@ -277,9 +264,9 @@ def ood_report(model, inliers: Split, outliers: Split, valid_inliers: Split, sel
     return report
 
 
-def load_outliers(name: str, root: str, H, split: str = "test") -> Split:
-    """Dataset ``name``'s ``split`` from ``root``, in the model's shape (``outlier_split``)."""
-    return outlier_split(load_data(name, root, H.image_size), name, H, split)
+def load_outliers(name: str, root: str, H) -> Split:
+    """Dataset ``name``'s test split from ``root``, in the model's shape (``outlier_split``)."""
+    return outlier_split(load_data(name, root, H.image_size), name, H)
 
 
 def ood_checkpoint(weights: str, dataset: str, ood_root: str | None = None, select: str | None = None,
@@ -289,8 +276,6 @@ def ood_checkpoint(weights: str, dataset: str, ood_root: str | None = None, sele
     """evaluate.py --ood: the model's test images against ``dataset``'s (from ``ood_root``, default the model's
     data folder), ``n_images`` of each drawn at random with ``seed`` (0: as many as the smaller set holds), every
     score's metrics (``ood_report``), as one JSON-ready dict."""
-    import time
-
     t0 = time.perf_counter()
     dev = pick_device(device)
     weights = local_weights(weights)
@@ -306,7 +291,7 @@ def ood_checkpoint(weights: str, dataset: str, ood_root: str | None = None, sele
     else:
         valid, select_outliers = random_subset(own.valid, TYPICALITY_IMAGES, seed), None
     report = ood_report(model, inliers, outliers, valid, select_outliers,
-                        ScoreSettings([0], iw_samples, batch_size, dev, seed), fixed_k)
+                        ScoreSettings(iw_samples, batch_size, dev, seed), fixed_k)
     header = {"checkpoint": str(resolve_checkpoint(weights)), "weights": "ema" if use_ema else "raw",
               "family": model.family, "dataset": H.dataset, "ood": canonical_dataset(dataset),
               "select": canonical_dataset(select) if select else None, "iw_samples": iw_samples, "seed": seed,

@@ -147,11 +147,12 @@ def active_latents(model, kl_per_channel: list[torch.Tensor], threshold: float =
 
 @torch.no_grad()
 def importance_weighted_bpd(model, split: Split, k: int, batch_size: int, device: torch.device,
-                            seed: int = 0) -> torch.Tensor:
+                            seed: int = 0, n_prior: int = 0) -> torch.Tensor:
     """Per-image importance-weighted bound with ``k`` posterior draws, as bits/dim (lower is better).
 
     log p(x|y) >= log (1/K) sum_k p(x, z_k | y) / q(z_k | x, y); draws are batched ``batch_size`` rows at a
-    time, so K=1000 fits in the memory of one evaluation batch.
+    time, so K=1000 fits in the memory of one evaluation batch. ``n_prior`` > 0 (a model with latent groups): the
+    importance-weighted L>n_prior instead, its lowest groups drawn from the prior (VAE.log_importance_weights).
     """
     model.eval()
     conditional = model.H.n_classes > 0
@@ -167,7 +168,9 @@ def importance_weighted_bpd(model, split: Split, k: int, batch_size: int, device
             x = rows[start:start + batch_size].to(device)
             y = row_labels[start:start + batch_size].to(device) if conditional else None
             keys = range(first_row + start, first_row + start + len(x))
-            log_w.append(model.log_importance_weights(x, y, posterior_noise(model, keys, seed, device)).float().cpu())
+            noises = posterior_noise(model, keys, seed, device)
+            extra = {"n_prior": n_prior} if n_prior else {}  # only a family with latent groups takes it
+            log_w.append(model.log_importance_weights(x, y, noises, **extra).float().cpu())
         log_w = torch.cat(log_w).double().reshape(len(images), k)
         log_px = torch.logsumexp(log_w, dim=1) - math.log(k)
         bounds.append(-log_px / (ndims * math.log(2.0)))

@@ -105,7 +105,7 @@ def test_a_model_trained_with_label_dropout_scores_under_the_null_label():
     model = tiny_model(label_dropout=0.1)
     images, _, noises = batch(model, n=4)
     split = Split(images, torch.zeros(4, dtype=torch.long))
-    out = all_scores(model, split, ScoreSettings([0, 2], 1, 4, torch.device("cpu")), valid_mean=1.5)
+    out = all_scores(model, split, [0, 2], ScoreSettings(1, 4, torch.device("cpu")), valid_mean=1.5)
     null = model(images, torch.zeros(4, 10), noises=noises)["loss_per_image"].detach().double().numpy()
     np.testing.assert_allclose(out["scores"]["elbo"], null, rtol=1e-6)
     np.testing.assert_array_equal(out["scores"]["null_label"], out["scores"]["elbo"])
