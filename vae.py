@@ -308,7 +308,6 @@ class Decoder(nn.Module):
         and every group draws from the guided prior (see DecBlock). Returns the output features and per-group
         stats (see DecBlock).
         """
-        ref = self.gain  # device and dtype of zero initial states
         if batch is None:
             first = next(iter(activations.values())) if activations else None
             batch = len(labels) if first is None else len(first[0] if isinstance(first, list) else first)
@@ -322,22 +321,74 @@ class Decoder(nn.Module):
         xs = self._initial_states(labels, batch)
         stats = []
         for segment in self.segments:
-            first = self.dec_blocks[segment[0]]
-            res = first.base
-            x = xs.get(res)
-            if x is None:
-                x = torch.zeros(batch, self.widths[res], res, res, device=ref.device, dtype=ref.dtype)
-            if first.mixin is not None:
-                up = xs[first.mixin][:, :x.shape[1]]
-                x = x + F.interpolate(up, scale_factor=res // first.mixin)
+            x = self._state_in(segment[0], xs, batch)
             acts = self._skips(activations, segment)
             x, segment_stats = maybe_checkpointed(self._run_segment, self.checkpoint_blocks and self.training,
                                                   segment, x, acts, temps, noises, log_ratio, n_posterior,
                                                   prior_noise, guidance)
-            xs[res] = x
+            xs[self.dec_blocks[segment[0]].base] = x
             stats += segment_stats
-        out = xs[self.image_size]
-        return out * self.gain + self.bias, stats
+        return self._output(xs), stats
+
+    def forward_with_prior_below(self, activations: dict[int, torch.Tensor] | dict[int, list[torch.Tensor]],
+                                 labels: torch.Tensor | None, ks: Sequence[int],
+                                 noises: Sequence[torch.Tensor | None] | None = None
+                                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """For each k in ``ks``, the decoder with its k lowest (last) groups drawn from the conditional prior and
+        the rest from the posterior: (output features, per-group KL in nats of shape (B, n_groups), zero for the
+        prior groups). Equal to ``forward(activations, labels, n_posterior=n_groups - k, noises=noises)`` for
+        each k, but the posterior blocks run once: the decoder's state before block n_groups - k is kept (its
+        tensors are never changed in place) and only the k prior blocks run again. Every k therefore shares the
+        same posterior draws above its cut, which also makes ELBO - L>k a lower-variance difference."""
+        first = next(iter(activations.values()))
+        batch = len(first[0] if isinstance(first, list) else first)
+        cuts = {self.n_groups - self.checked_k(k) for k in ks}
+        xs = self._initial_states(labels, batch)
+        kept, kls = {}, []
+        for i in range(self.n_groups):
+            if i in cuts:
+                kept[i] = dict(xs)
+            xs, block_stats = self._step(i, xs, batch, self._skips(activations, [i])[0], noises)
+            kls.append(block_stats["kl"].sum(dim=(1, 2, 3)))
+        kept[self.n_groups] = xs
+        results = []
+        for k in ks:
+            cut = self.n_groups - k
+            xs = kept[cut]
+            for i in range(cut, self.n_groups):
+                xs, _ = self._step(i, xs, batch, None, noises)
+            zeros = [torch.zeros_like(kls[0])] * k
+            results.append((self._output(xs), torch.stack(kls[:cut] + zeros, dim=1)))
+        return results
+
+    def checked_k(self, k: int) -> int:
+        """``k`` itself when 0 <= k <= n_groups (a count of lowest groups drawn from the prior), else ValueError."""
+        if not 0 <= k <= self.n_groups:
+            raise ValueError(f"k must be in 0..{self.n_groups} (the latent groups), got {k}")
+        return k
+
+    def _state_in(self, i: int, xs: dict[int, torch.Tensor], batch: int) -> torch.Tensor:
+        """The state block ``i`` reads: its resolution's, plus the coarser state it mixes in (upsampled)."""
+        block = self.dec_blocks[i]
+        res = block.base
+        x = xs.get(res)
+        if x is None:
+            x = torch.zeros(batch, self.widths[res], res, res, device=self.gain.device, dtype=self.gain.dtype)
+        if block.mixin is not None:
+            up = xs[block.mixin][:, :x.shape[1]]
+            x = x + F.interpolate(up, scale_factor=res // block.mixin)
+        return x
+
+    def _step(self, i: int, xs: dict[int, torch.Tensor], batch: int, acts: torch.Tensor | None,
+              noises) -> tuple[dict[int, torch.Tensor], dict]:
+        """Block ``i`` alone (posterior when ``acts`` is given, else the prior at temperature 1), on a new states
+        dict: ``xs`` is left as it was."""
+        x, stats = self.dec_blocks[i](self._state_in(i, xs, batch), acts, 1.0,
+                                      noises[i] if noises is not None else None)
+        return {**xs, self.dec_blocks[i].base: x}, stats
+
+    def _output(self, xs: dict[int, torch.Tensor]) -> torch.Tensor:
+        return xs[self.image_size] * self.gain + self.bias
 
     def _skips(self, activations, segment: list[int]) -> list[torch.Tensor | None]:
         """The encoder activation each block of ``segment`` reads (None without an encoder pass)."""
@@ -445,23 +496,17 @@ class VAE(Family):
         expectation over the posterior above and the conditional prior p(z_i|z_<i,y) for the k lowest (finest)
         groups: the bound as it would be if the model had to guess the image's details from its coarse latents.
         k = 0 is the ELBO (forward's ``loss_per_image`` to the bit); k = n_groups decodes a draw of the prior alone.
-        One encoder pass serves every k; ``noises`` fixes every group's standard-normal noise (posterior or prior)."""
+        One encoder pass and one posterior pass serve every k (Decoder.forward_with_prior_below), so every k shares
+        the posterior draws above its cut; ``noises`` fixes every group's standard-normal noise (posterior or
+        prior)."""
         enc_in, target = self.preprocess(images)
-        activations = self.encoder(enc_in)
         ndims = self.scored_dims(images.shape[1:])
-        bounds = []
-        for k in ks:
-            px_z, stats = self.decoder(activations, labels, n_posterior=self._n_posterior(k), noises=noises)
-            recon_nats = self.decoder.out_net.nll(px_z, target)
-            kl_groups = torch.stack([s["kl"].sum(dim=(1, 2, 3)) if "kl" in s else torch.zeros_like(recon_nats)
-                                     for s in stats], dim=1)
-            bounds.append(elbo_report(recon_nats, kl_groups, ndims)["loss_per_image"])
-        return torch.stack(bounds, dim=1)
+        branches = self.decoder.forward_with_prior_below(self.encoder(enc_in), labels, ks, noises)
+        return torch.stack([elbo_report(self.decoder.out_net.nll(px_z, target), kl_groups, ndims)["loss_per_image"]
+                            for px_z, kl_groups in branches], dim=1)
 
     def _n_posterior(self, n_prior: int) -> int:
-        if not 0 <= n_prior <= self.n_groups:
-            raise ValueError(f"k must be in 0..{self.n_groups} (the latent groups), got {n_prior}")
-        return self.n_groups - n_prior
+        return self.n_groups - self.decoder.checked_k(n_prior)
 
     # ---- generation ---------------------------------------------------------------------------
     @torch.no_grad()

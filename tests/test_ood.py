@@ -57,6 +57,29 @@ def test_l_above_0_is_the_elbo_to_the_bit():
     assert bounds.shape == (6, 3)
 
 
+@pytest.mark.parametrize("overrides", [{}, dict(enc_skips="every", grad_checkpoint="blocks",
+                                                 enc_blocks="8x2,8d2,4x1,4d4,1x1",
+                                                 dec_blocks="1x1,4m1,4,8m4,8s1,8x2")])
+def test_the_shared_posterior_pass_equals_a_decoder_pass_per_k(overrides):
+    """forward_with_prior_below runs the posterior blocks once for every k: each k's output and KL equal, to the bit,
+    a whole decoder pass with that many prior groups and the same noise (also under block checkpoint segments and
+    skips read per block)."""
+    model = tiny_model(**overrides)
+    images, labels, noises = batch(model)
+    enc_in, _ = model.preprocess(images)
+    activations = model.encoder(enc_in)
+    ks = [2, 0, model.n_groups, 1]
+    with torch.no_grad():
+        branches = model.decoder.forward_with_prior_below(activations, labels, ks, noises)
+        for k, (px_z, kl_groups) in zip(ks, branches):
+            want_px_z, stats = model.decoder(activations, labels, n_posterior=model.n_groups - k, noises=noises)
+            assert torch.equal(px_z, want_px_z)
+            want_kl = [s["kl"].sum(dim=(1, 2, 3)) if "kl" in s else torch.zeros(len(images)) for s in stats]
+            assert torch.equal(kl_groups, torch.stack(want_kl, dim=1))
+    with pytest.raises(ValueError, match="k must be in"):
+        model.decoder.forward_with_prior_below(activations, labels, [-1], noises)
+
+
 def test_l_above_every_group_is_the_bound_of_a_prior_draw():
     """Every group from the prior: no KL, and the reconstruction of the prior's draw with the same noise."""
     model = tiny_model()
