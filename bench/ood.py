@@ -142,8 +142,9 @@ def main(argv: list[str]) -> None:
     histograms(reports, Path(args.picture))
     print(f"\nwrote {args.picture}\n")
     for title, r in reports.items():
-        print(f"### {title}: {r['dataset']} against {r['ood']} ({r['n_inliers']:,} each; scores under the "
-              f"{r['score_label'] or 'no'} label; k chosen on {r['k_chosen_on']})\n")
+        labels = f"scores under the {r['score_label']} label" if r["score_label"] else "no class"
+        print(f"### {title}: {r['dataset']} against {r['ood']} ({r['n_inliers']:,} each; {labels}; k chosen on "
+              f"{r['k_chosen_on']})\n")
         print("| score | AUROC | AUPRC | FPR80 |\n|---|---|---|---|")
         kind = title.split()[-1]
         extra = [(f"{name}, {iw[kind]['n_inliers']:,} of each", m) for name, m in iw[kind]["metrics"].items()
