@@ -19,7 +19,8 @@ The per-class pixel-histogram baseline puts the figures in context. Writes each 
 
 On Fashion-MNIST (``--hps fashion_mnist_cpu``) every family trains for the same ``--minutes`` of training time on
 this machine: a short calibration run of each family (``--calibration_steps`` steps of each stage, long enough for
-train.py's speed probe, so that it trains with the timed run's settings) measures its training speed, from which its steps are set (a family trained in stages gives each stage the same steps), so that
+train.py's speed probe to choose its settings, which the timed run is then given) measures its training speed, from
+which its steps are set (a family trained in stages gives each stage the same steps), so that
 its schedule, warm-up and cosine decay included, fits the minutes. Then the table gives the negative ELBO on the
 10,000 test images (train.py's closing evaluation), the importance-weighted bound on ``--iw_images`` of them drawn
 at random, and bench/judge.py's class-consistency and Frechet distance (in its classifier's features: not the
@@ -102,7 +103,7 @@ def main(argv: list[str]) -> None:
                    help="where each family's sample grid goes, NAME standing for the family ('' for none)")
     p.add_argument("--minutes", type=float, default=0.0, help="Fashion-MNIST: training minutes of every family")
     p.add_argument("--calibration_steps", type=int, default=400, help="Fashion-MNIST: steps of the speed run (enough "
-                   "for train.py's speed probe to run in it, so that it trains as the timed run will)")
+                   "for train.py's speed probe to run in it; the timed run trains with the settings it chose)")
     p.add_argument("--iw_images", type=int, default=1000, help="Fashion-MNIST: test images of the IW bound")
     p.add_argument("--judge_samples", type=int, default=2000, help="Fashion-MNIST: samples the judge scores")
     p.add_argument("--data_root", default="./data", help="Fashion-MNIST: where its files are (or go)")
@@ -180,6 +181,15 @@ def stage_speeds(run_dir: Path) -> dict[str, float]:
     return speeds
 
 
+def calibrated_speed_args(run_dir: Path) -> list[str]:
+    """The calibration run's speed settings as train.py flags, so that the timed run trains with exactly them
+    (its own speed probe could choose otherwise: the probe times noisy steps, and a calibration too short for
+    the probe trains by its rule)."""
+    hps = last_record(run_dir, "config")["hps"]
+    return [arg for field in ("precision", "channels_last", "compile", "grad_checkpoint")
+            for arg in (f"--{field}", str(hps[field]))]
+
+
 def speed_settings(run_dir: Path) -> str:
     """The speed settings a run trained with, as its log says them ('' when it does not)."""
     lines = [line for line in (run_dir / "log.txt").read_text().splitlines() if "speed settings: " in line]
@@ -224,14 +234,16 @@ def train_and_score_fashion(name: str, args, passed: list[str], out: Path, judge
     run_dir = out / name
     if not run_finished(run_dir):
         run([sys.executable, str(ROOT / "train.py"), "--hps", args.hps, "--model", name, "--save_dir", str(run_dir),
-             "--max_steps", str(steps), "--prior_steps", str(steps), "--data_root", args.data_root, *passed])
+             "--max_steps", str(steps), "--prior_steps", str(steps), "--data_root", args.data_root,
+             *calibrated_speed_args(out / f"{name}-speed"), *passed])
     final = last_record(run_dir, "final")
-    # a calibration too short for train.py's speed probe trains by its rule (fp32 on a CPU) and times the wrong run:
-    # 60 steps measured the cvae 1.3x and the vqvae 1.6x slower than their bf16 runs
+    # the timed run is given the calibration's settings; this checks that it trained with them (a calibration timed
+    # with other settings than its run measures the wrong speed: 60 steps in fp32 once measured the cvae 1.3x and
+    # the vqvae 1.6x slower than their bf16 runs)
     matched = speed_settings(out / f"{name}-speed") == speed_settings(run_dir)
     if not matched:
         print(f"{name}: the calibration trained with other speed settings than the run ({speed_settings(run_dir)}): "
-              f"raise --calibration_steps", flush=True)
+              f"its steps do not fit the minutes", flush=True)
     report = evaluate_checkpoint(str(run_dir), "test", iw_samples=args.iw_samples, batch_size=250, classify=False,
                                  device="cpu", data_root=args.data_root, n_images=args.iw_images)
     model, _ = load_model(str(run_dir), torch.device("cpu"))

@@ -172,6 +172,9 @@ def test_families_on_fashion_mnist_fit_the_minutes_and_report_every_figure(tiny_
         r = report["families"][name]
         assert r["iw_images"] == 8 and r["test_bpd"] > 0 and r["test_bpd_iw"] > 0 and 0 <= r["class_consistency"] <= 1
         assert r["calibration_matched"]  # both runs trained with the same speed settings
+        # because the timed run was given the calibration's: it neither probed nor fell back on the rule
+        lines = [line for line in (out / name / "log.txt").read_text().splitlines() if "speed settings" in line]
+        assert lines and all("speed settings: " in line for line in lines)
         # the steps fit the minutes at the speed measured: one step of every stage
         seconds_per_step = sum(1 / v for v in r["steps_per_s"].values())
         assert r["steps"] == max(1, int(0.05 * 60 / seconds_per_step))
