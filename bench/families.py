@@ -185,9 +185,10 @@ def calibrated_speed_args(run_dir: Path) -> list[str]:
     """The calibration run's speed settings as train.py flags, so that the timed run trains with exactly them
     (its own speed probe could choose otherwise: the probe times noisy steps, and a calibration too short for
     the probe trains by its rule)."""
+    from speed import SPEED_FIELDS
+
     hps = last_record(run_dir, "config")["hps"]
-    return [arg for field in ("precision", "channels_last", "compile", "grad_checkpoint")
-            for arg in (f"--{field}", str(hps[field]))]
+    return [arg for field in (*SPEED_FIELDS, "compile") for arg in (f"--{field}", str(hps[field]))]
 
 
 def speed_settings(run_dir: Path) -> str:
